@@ -1,0 +1,36 @@
+"""`kimi-k2 COMMAND ...`: one entry point; each command lives in the package that owns it.
+
+A command module provides `add_arguments(parser)` and `run(args) -> int`. Only the chosen command's module is
+imported, so `kimi-k2 info` does not pay for the server's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("kimi_k2.model.info", "parameter counts, KV-cache and weight bytes of a model or preset"),
+    "convert": ("kimi_k2.checkpoint.convert", "convert a checkpoint between block-FP8 and bf16"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="kimi-k2", description="Kimi K2 in PyTorch")
+    top.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(argv)  # prints help or a clear "invalid choice" error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"kimi-k2 {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
