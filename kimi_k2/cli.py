@@ -12,8 +12,13 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("kimi_k2.eval.cli", "avg@k and tool-call accuracy of an OpenAI-compatible endpoint on held-out tasks"),
+    "data": ("kimi_k2.data.cli", "synthetic chat/tool-use data, pretraining corpus, held-out benchmarks"),
     "info": ("kimi_k2.model.info", "parameter counts, KV-cache and weight bytes of a model or preset"),
     "convert": ("kimi_k2.checkpoint.convert", "convert a checkpoint between block-FP8 and bf16"),
+    "tokenizer": ("kimi_k2.tokenizer.cli", "train a Kimi-format BPE tokenizer; encode/decode text with one"),
+    "train": ("kimi_k2.train.cli", "pretrain or fine-tune from a recipe TOML (resumes; torchrun for data parallel)"),
+    "plot": ("kimi_k2.train.plot", "PNG curves (loss, lr, grad norm, max logits, expert load) of training runs"),
 }
 
 

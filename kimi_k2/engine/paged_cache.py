@@ -1,0 +1,60 @@
+"""The MLA latent cache in fixed-size pages: the engine's side of `kimi_k2.model.cache.LatentCache`.
+
+Per layer one tensor [num_pages * page_size, kv_lora_rank + qk_rope_head_dim]: row `page * page_size + offset`
+(a slot) holds token `i`'s [c_kv | k_pe] where page = block_table[i // page_size] and offset = i % page_size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_k2.config import K2Config
+from kimi_k2.engine.sequence import Sequence
+
+
+class LatentPool:
+    def __init__(self, config: K2Config, num_pages: int, page_size: int, dtype: torch.dtype):
+        self.kv_lora_rank = config.kv_lora_rank
+        self.page_size = page_size
+        self.num_pages = num_pages
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.kv = torch.zeros(config.num_hidden_layers, num_pages * page_size, width, dtype=dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.kv.shape[0] * self.kv.shape[2] * self.kv.element_size()
+
+
+class PagedLatentCache:
+    """One forward's view of the pool: sequence b computes tokens [start_b, start_b + n_b) (rows padded to S)."""
+
+    def __init__(self, pool: LatentPool, batch: list[tuple[Sequence, int]]):
+        self.pool = pool
+        ps = pool.page_size
+        starts = torch.tensor([seq.num_computed_tokens for seq, _ in batch])  # [B]
+        lens = torch.tensor([n for _, n in batch])  # [B]
+        S, T = int(lens.max()), int((starts + lens).max())
+        num_pages = -(-T // ps)
+        tables = torch.tensor([seq.block_table[:num_pages] + [0] * (num_pages - len(seq.block_table[:num_pages]))
+                               for seq, _ in batch])  # [B, P]
+        # slot of every key position t < T (positions past a sequence's end point into page 0; they are masked)
+        self.key_slots = (tables[:, :, None] * ps + torch.arange(ps)).flatten(1)[:, :T]  # [B, T]
+        s = torch.arange(S)
+        self.valid = s[None] < lens[:, None]  # [B, S]
+        # padded query rows repeat the last real position: same keys, finite output, discarded
+        self.positions = starts[:, None] + torch.minimum(s[None], lens[:, None] - 1)  # [B, S]
+        write_slots = self.key_slots.gather(1, self.positions)  # [B, S]
+        self.all_valid = bool(self.valid.all())
+        self.write_slots = write_slots.flatten() if self.all_valid else write_slots[self.valid]
+        visible = torch.arange(T)[None, None] <= self.positions[:, :, None]  # [B, S, T], causal
+        self.mask = torch.zeros(visible.shape, dtype=pool.kv.dtype).masked_fill_(~visible, float("-inf"))
+
+    def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        x = torch.cat([c_kv, k_pe], dim=-1).to(self.pool.kv.dtype)  # [B, S, R + Dr]
+        x = x.flatten(0, 1) if self.all_valid else x[self.valid]
+        self.pool.kv[layer_idx].index_copy_(0, self.write_slots, x)
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.pool.kv[layer_idx][self.key_slots]  # [B, T, R + Dr]
+        r = self.pool.kv_lora_rank
+        return x[..., :r], x[..., r:], self.mask

@@ -1,0 +1,76 @@
+"""Next-token choice for a batch of sequences, each with its own SamplingParams.
+
+Order (as vLLM): constraint mask -> presence/frequency penalties (OpenAI: l -= f * count + p * [count > 0]) ->
+logprobs (of this distribution, before temperature) -> greedy argmax (temperature 0) or temperature -> top_k ->
+top_p (on the top_k-renormalized probabilities) -> min_p (p < min_p * p_max dropped) -> one draw. A draw is
+argmax(p / E) with E ~ Exp(1) from the sequence's own generator: an exact categorical sample, reproducible per seed
+whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_k2.engine.params import TokenLogprob
+from kimi_k2.engine.sequence import Sequence
+
+
+def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits [N, V] (fp32, modified in place)."""
+    vocab = logits.shape[-1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if seq.constraint is not None:
+            allowed = seq.constraint.allowed()
+            if allowed is not None:
+                if not bool(allowed.any()):
+                    raise ValueError(f"request {seq.request_id!r}: the token constraint allows no token")
+                logits[i].masked_fill_(~allowed[:vocab].to(logits.device), float("-inf"))
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
+            counts = torch.bincount(torch.tensor(seq.completion_ids), minlength=vocab)[:vocab].to(logits)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
+    return logits
+
+
+def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """x [M, V] temperature-scaled logits; top_k [M] (0 = off), top_p [M], min_p [M]. Dropped tokens get -inf."""
+    vocab = x.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        xs, order = x.sort(dim=-1, descending=True)
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        xs = xs.masked_fill(torch.arange(vocab, device=x.device)[None] >= k[:, None], float("-inf"))
+        probs = xs.softmax(-1)
+        xs = xs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))  # keeps the first token
+        x = torch.empty_like(x).scatter_(-1, order, xs)
+    if bool((min_p > 0).any()):
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    return x
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [N, V] for seqs[i]'s next token -> (token ids, logprobs or None per sequence)."""
+    logits = apply_constraints_and_penalties(logits.float(), seqs)
+    tokens = logits.argmax(-1)
+    rand = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+    if rand:
+        idx = torch.tensor(rand)
+        temp = torch.tensor([seqs[i].params.temperature for i in rand])
+        top_k = torch.tensor([seqs[i].params.top_k for i in rand])
+        top_p = torch.tensor([seqs[i].params.top_p for i in rand])
+        min_p = torch.tensor([seqs[i].params.min_p for i in rand])
+        probs = filter_logits(logits[idx] / temp[:, None], top_k, top_p, min_p).softmax(-1)
+        for j, i in enumerate(rand):
+            e = torch.empty_like(probs[j]).exponential_(generator=seqs[i].generator)
+            tokens[i] = (probs[j] / e).argmax()
+    token_ids = tokens.tolist()
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    if want:
+        lp = logits[torch.tensor(want)].log_softmax(-1)
+        for j, i in enumerate(want):
+            k = seqs[i].params.logprobs
+            top_v, top_i = lp[j].topk(k) if k else (lp[j][:0], lp[j][:0].long())
+            top = list(zip(top_i.tolist(), top_v.tolist(), strict=True))
+            logprobs[i] = TokenLogprob(token_ids[i], float(lp[j, token_ids[i]]), top)
+    return token_ids, logprobs

@@ -1,0 +1,168 @@
+"""Requests of both APIs -> chat-template messages, a ToolPlan and a response schema (all validated).
+
+Chat-template messages are OpenAI-shaped dicts (role, content, name, tool_calls, tool_call_id): the K2 template
+renders them directly. Anthropic blocks are mapped onto them: `tool_use` -> assistant `tool_calls`,
+`tool_result` -> a `tool` message named after the function it answers.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kimi_k2.server import anthropic_protocol as ap
+from kimi_k2.server import openai_protocol as op
+from kimi_k2.server.grammar import GrammarCompiler, ToolPlan
+
+ANY_OBJECT = {"type": "object"}
+
+
+def _text_parts(parts: list, where: str) -> str:
+    out = []
+    for j, p in enumerate(parts):
+        if p.type in ("text", "input_text"):
+            out.append(p.text or "")
+        else:
+            raise ValueError(f"{where}[{j}]: content type {p.type!r} is not supported (text-only model)")
+    return "".join(out)
+
+
+def openai_messages(req: op.ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        d: dict = {"role": "system" if m.role == "developer" else m.role}
+        c = m.content
+        d["content"] = _text_parts(c, f"messages[{i}].content") if isinstance(c, list) else (c or "")
+        if m.name:
+            d["name"] = m.name
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise ValueError(f"messages[{i}].tool_call_id is required for role 'tool'")
+            d["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise ValueError(f"messages[{i}].tool_calls is only allowed on assistant messages")
+            d["tool_calls"] = [_call_dict(tc.id, tc.function.name, tc.function.arguments) for tc in m.tool_calls]
+        out.append(d)
+    return out
+
+
+def _call_dict(call_id: str | None, name: str, arguments: str | dict) -> dict:
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": call_id or "", "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def history_calls(messages: list[dict]) -> int:
+    """Tool calls already in the conversation: the running K2 id counter continues from here."""
+    return sum(len(m.get("tool_calls") or ()) for m in messages)
+
+
+def _tools(defs: list[tuple[str, str | None, dict | None]], compiler: GrammarCompiler, where: str):
+    """(name, description, schema) -> (template tools, {name: schema}); rejects duplicates and bad schemas."""
+    schemas: dict[str, dict] = {}
+    rendered = []
+    for i, (name, desc, schema) in enumerate(defs):
+        if name in schemas:
+            raise ValueError(f"{where}[{i}]: duplicate tool name {name!r}")
+        schema = ANY_OBJECT if schema is None else schema
+        compiler.check_schema(schema, f"{where}[{i}] ({name}) schema")
+        schemas[name] = schema
+        fn = {"name": name, "parameters": schema}
+        if desc:
+            fn["description"] = desc
+        rendered.append({"type": "function", "function": fn})
+    return rendered, schemas
+
+
+def openai_tools(req: op.ChatCompletionRequest, messages: list[dict], compiler: GrammarCompiler):
+    """-> (template tools or None, ToolPlan or None, response JSON schema or None)."""
+    text_schema = None
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        text_schema = ANY_OBJECT
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
+        text_schema = rf.json_schema.schema_
+        compiler.check_schema(text_schema, "response_format.json_schema.schema")
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is not None and choice != "none":
+            raise ValueError("tool_choice requires a non-empty 'tools' list")
+        return None, None, text_schema
+    defs = [(t.function.name, t.function.description, t.function.parameters) for t in req.tools]
+    rendered, schemas = _tools(defs, compiler, "tools")
+    plan = ToolPlan(schemas, parallel=req.parallel_tool_calls is not False, first_idx=history_calls(messages))
+    if isinstance(choice, op.NamedToolChoice):
+        if choice.function.name not in schemas:
+            raise ValueError(f"tool_choice.function.name: {choice.function.name!r} is not in 'tools'")
+        plan.mode, plan.only = "required", choice.function.name
+    elif choice is not None:
+        plan.mode = choice
+    if plan.mode == "required" and text_schema is not None:
+        raise ValueError("response_format cannot be combined with a required or named tool_choice")
+    return rendered, plan, text_schema
+
+
+def anthropic_messages(req: ap.CountTokensRequest) -> list[dict]:
+    out: list[dict] = []
+    if req.system:
+        system = req.system if isinstance(req.system, str) else "".join(b.text for b in req.system)
+        out.append({"role": "system", "content": system})
+    names: dict[str, str] = {}  # tool_use id -> tool name, for the tool_result turns
+    for i, m in enumerate(req.messages):
+        blocks = [ap.TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        text, calls = [], []
+        for j, b in enumerate(blocks):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(b, ap.TextBlock):
+                text.append(b.text)
+            elif isinstance(b, ap.ThinkingBlock):
+                continue
+            elif isinstance(b, ap.ToolUseBlock):
+                if m.role != "assistant":
+                    raise ValueError(f"{where}: tool_use blocks belong to assistant messages")
+                names[b.id] = b.name
+                calls.append(_call_dict(b.id, b.name, b.input))
+            elif isinstance(b, ap.ToolResultBlock):
+                if m.role != "user":
+                    raise ValueError(f"{where}: tool_result blocks belong to user messages")
+                if b.tool_use_id not in names:
+                    raise ValueError(f"{where}: tool_use_id {b.tool_use_id!r} does not answer an earlier tool_use")
+                content = b.content if isinstance(b.content, str) or b.content is None else \
+                    _text_parts(b.content, f"{where}.content")
+                if b.is_error:
+                    content = f"Error: {content or ''}"
+                out.append({"role": "tool", "tool_call_id": b.tool_use_id, "name": names[b.tool_use_id],
+                            "content": content or ""})
+            else:
+                raise ValueError(f"{where}: content type {b.type!r} is not supported (text-only model)")
+        if m.role == "assistant":
+            d = {"role": "assistant", "content": "".join(text)}
+            if calls:
+                d["tool_calls"] = calls
+            out.append(d)
+        elif text or not any(o["role"] == "tool" for o in out[-1:]):
+            out.append({"role": "user", "content": "".join(text)})
+    return out
+
+
+def anthropic_tools(req: ap.CountTokensRequest, messages: list[dict], compiler: GrammarCompiler):
+    """-> (template tools or None, ToolPlan or None)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice is not None and choice.type != "none":
+            raise ValueError("tool_choice requires a non-empty 'tools' list")
+        return None, None
+    rendered, schemas = _tools([(t.name, t.description, t.input_schema) for t in req.tools], compiler, "tools")
+    plan = ToolPlan(schemas, first_idx=history_calls(messages))
+    if choice is not None:
+        plan.parallel = not choice.disable_parallel_tool_use
+        if choice.type == "any":
+            plan.mode = "required"
+        elif choice.type == "tool":
+            if choice.name not in schemas:
+                raise ValueError(f"tool_choice.name: {choice.name!r} is not in 'tools'")
+            plan.mode, plan.only = "required", choice.name
+        else:
+            plan.mode = choice.type
+    return rendered, plan

@@ -1,0 +1,31 @@
+"""`kimi-k2 train --config recipe.toml [--set section.key=value ...]`: run (or resume) a training recipe.
+
+A run resumes from the newest checkpoint in its out_dir when there is one. Under `torchrun` it is data parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kimi_k2.train.recipe import Recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe TOML file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe value (TOML syntax), e.g. --set train.out_dir='\"runs/x\"'")
+    parser.add_argument("--out", help="shorthand for --set train.out_dir=OUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.out:
+        overrides.append(f"train.out_dir={json.dumps(args.out)}")
+    recipe = Recipe.from_toml(args.config, overrides)
+    from kimi_k2.train.trainer import train  # after the recipe is validated: a bad recipe fails fast
+
+    summary = train(recipe)
+    if summary:  # rank 0 only
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}))
+    return 0

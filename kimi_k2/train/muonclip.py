@@ -1,0 +1,191 @@
+"""MuonClip (Kimi K2 tech report, arXiv 2507.20534, Algorithm 1): Muon on hidden matrices, AdamW on the rest, in one
+optimizer, then QK-Clip on the attention weights using the max logits recorded in this step's forward.
+
+Muon group (`use_muon=True`), per matrix W [A, B] with gradient G:
+    M_t = mu * M_{t-1} + (1 - mu) * G_t                  (EMA momentum, as torch.optim.Muon / KellerJordan/Muon)
+    U_t = (1 - mu) * G_t + mu * M_t  if nesterov else M_t
+    O_t = NS5(U_t)                                       (quintic Newton-Schulz, singular values -> ~[0.7, 1.2])
+    W_t = W_{t-1} * (1 - lr * wd) - lr * 0.2 * sqrt(max(A, B)) * O_t     (Moonlight eq. 4: AdamW-matched RMS 0.2)
+K2's Algorithm 1 writes the plain sum M_t = mu M_{t-1} + G_t; it is (1 - mu)^-1 times the EMA, and NS normalises its
+input by the Frobenius norm, so both give the same update.
+
+`block_rows=R` orthogonalises each R-row block of a matrix separately (per-head Muon on q_b_proj / kv_b_proj, as in
+torchtitan's Kimi recipe); the RMS match then uses the block shape [R, B]. 3-D parameters [E, A, B] (stacked experts)
+are E independent matrices. Matrices of a group with the same [min, max] shape go through NS as one batch.
+
+NS runs in `ns_dtype`: KellerJordan/Muon and torch.optim.Muon use bfloat16 (fast on GPU); on CPU bf16 matmuls are
+slower than fp32 and fp32 is more accurate, so float32 is the default here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kimi_k2.train.qk_clip import QKClip, QKClipStats
+
+# KellerJordan/Muon `zeropower_via_newtonschulz5`: f(x) = a x + b x^3 + c x^5, maximal slope at 0, non-convergent
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Approximate U V^T of G = U S V^T for each matrix of G [..., A, B]; returns [..., A, B] in `dtype`."""
+    if G.ndim < 2:
+        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}")
+    a, b, c = coefficients
+    X = G.to(dtype)
+    wide = G.size(-2) > G.size(-1)
+    if wide:
+        X = X.mT  # iterate on the [min, max] orientation: the Gram matrix X X^T is min x min
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius norm >= spectral norm, so sigma <= 1
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # [n, min, max]
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    X = X.view(shape)
+    return X.mT if wide else X
+
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon + AdamW in one optimizer (groups flagged `use_muon`), with optional QK-Clip after each step.
+
+    Group options: lr, weight_decay (both kinds); momentum, nesterov, ns_steps, ns_coefficients, ns_eps, ns_dtype,
+    block_rows (Muon); betas, eps (AdamW). Build the groups for a K2 model with `kimi_k2.train.param_groups`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 2e-4,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        ns_eps: float = 1e-7,
+        ns_dtype: torch.dtype = torch.float32,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        use_muon: bool = True,
+        block_rows: int | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps, ns_dtype=ns_dtype, betas=tuple(betas), eps=eps,
+            use_muon=use_muon, block_rows=block_rows,
+        )
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            _check_group(i, group)
+        self.qk_clip: QKClip | None = None
+        self.qk_clip_stats: QKClipStats | None = None
+
+    def attach_qk_clip(self, model: nn.Module, tau: float = 100.0) -> QKClip:
+        """Turn on max-logit tracking in `model`'s attention and clip after every `step()` (stats: `qk_clip_stats`)."""
+        self.qk_clip = QKClip(model, tau)
+        self.qk_clip.enable()
+        return self.qk_clip
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        if self.qk_clip is not None:
+            self.qk_clip_stats = self.qk_clip.apply()
+        return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        # NS works on the wide orientation [min, max]; matrices of one such shape go through it as one batch
+        # (e.g. every expert's gate/up [I, D] and down [D, I]^T): (min, max) -> [(param, tall?, blocks [n, min, max])]
+        buckets: dict[tuple[int, int], list[tuple[Tensor, bool, Tensor]]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mu)
+            u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+            rows, cols = group["block_rows"] or p.shape[-2], p.shape[-1]
+            u = u.reshape(-1, rows, cols)
+            tall = rows > cols
+            buckets[(min(rows, cols), max(rows, cols))].append((p, tall, u.mT if tall else u))
+        for (_, large), items in buckets.items():
+            U = items[0][2] if len(items) == 1 else torch.cat([u for *_, u in items])
+            O = zeropower_via_newtonschulz5(U, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
+                                            group["ns_dtype"])
+            scale = 0.2 * math.sqrt(large)
+            for (p, tall, _), o in zip(items, O.split([u.shape[0] for *_, u in items]), strict=True):
+                p.mul_(1 - lr * wd)
+                p.add_((o.mT if tall else o).reshape(p.shape), alpha=-lr * scale)
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        # the arithmetic of torch.optim.AdamW's single-tensor path, op for op
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
+def _check_group(i: int, group: dict[str, Any]) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"MuonClip param group {i}: {msg}")
+
+    need(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+    need(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
+    need(isinstance(group["use_muon"], bool), f"use_muon must be a bool, got {group['use_muon']!r}")
+    if not group["use_muon"]:
+        need(len(group["betas"]) == 2 and all(0 <= b < 1 for b in group["betas"]),
+             f"betas must be two values in [0, 1), got {group['betas']}")
+        need(group["eps"] > 0, f"eps must be > 0, got {group['eps']}")
+        return
+    need(0 <= group["momentum"] < 1, f"momentum must be in [0, 1), got {group['momentum']}")
+    steps = group["ns_steps"]
+    need(isinstance(steps, int) and steps >= 1, f"ns_steps must be an int >= 1, got {steps!r}")
+    need(len(group["ns_coefficients"]) == 3, f"ns_coefficients must be (a, b, c), got {group['ns_coefficients']}")
+    need(group["ns_dtype"].is_floating_point, f"ns_dtype must be a float dtype, got {group['ns_dtype']}")
+    rows = group["block_rows"]
+    need(rows is None or (isinstance(rows, int) and rows > 0), f"block_rows must be a positive int, got {rows!r}")
+    names = group.get("names") or [f"#{j}" for j in range(len(group["params"]))]
+    for name, p in zip(names, group["params"], strict=True):
+        need(p.ndim in (2, 3), f"Muon param {name} has shape {tuple(p.shape)}; Muon needs a 2-D matrix or a 3-D stack "
+                               "of matrices (put embeddings, lm_head, norms and biases in a use_muon=False group)")
+        need(rows is None or p.shape[-2] % rows == 0,
+             f"Muon param {name} has {p.shape[-2]} rows, not a multiple of block_rows={rows}")

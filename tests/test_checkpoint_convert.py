@@ -1,0 +1,115 @@
+"""`kimi-k2 convert` through the real CLI entry point: fp8 -> bf16 -> fp8, streaming, config and extra files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import kimi_k2.checkpoint.reader as reader_mod
+from kimi_k2.checkpoint import CheckpointReader, dequantize_block_fp8, save_state_dict
+from kimi_k2.checkpoint.convert import parse_size
+from kimi_k2.cli import main
+from kimi_k2.config import K2Config
+
+SHAPES = {
+    "model.embed_tokens.weight": (50, 96),
+    "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (200, 96),
+    "model.layers.0.self_attn.o_proj.weight": (96, 130),
+    "model.layers.0.input_layernorm.weight": (96,),
+    "model.layers.1.mlp.gate.weight": (4, 96),
+    "model.layers.1.mlp.gate.e_score_correction_bias": (4,),
+    "model.layers.1.mlp.experts.0.down_proj.weight": (96, 40),
+    "model.layers.1.mlp.shared_experts.up_proj.weight": (40, 96),
+    "model.norm.weight": (96,),
+    "lm_head.weight": (50, 96),
+}
+
+
+def raw_tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in CheckpointReader(d).shards:
+        with safe_open(d / shard, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out
+
+
+@pytest.fixture
+def fp8_src(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    (tmp_path / "tiktoken.model").write_text("tok")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    save_state_dict(sd, tmp_path / "src", K2Config.from_preset("k2-tiny"), fp8=True, max_shard_size=40_000,
+                    extra_files=[tmp_path / "tiktoken.model", tmp_path / "chat_template.jinja"])
+    return tmp_path / "src"
+
+
+def test_fp8_to_bf16_to_fp8(fp8_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = []
+    real_open = reader_mod.safe_open
+    monkeypatch.setattr(reader_mod, "safe_open", lambda p, framework: opened.append(Path(p).name) or real_open(
+        p, framework=framework))
+    bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
+    assert main(["convert", str(fp8_src), str(bf16), "--to", "bf16", "--max-shard-size", "30KB", "--no-progress"]) == 0
+    assert opened == CheckpointReader(fp8_src).shards  # streamed: each source shard opened once, in order
+
+    src = raw_tensors(fp8_src)
+    out = raw_tensors(bf16)
+    assert set(out) == set(SHAPES)  # no scales left
+    for k, t in out.items():
+        want_dtype = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+        assert t.dtype == want_dtype, k
+        if src[k].dtype == torch.float8_e4m3fn:  # DeepSeek fp8_cast_bf16 semantics: W * S per block, in bf16
+            assert torch.equal(t, dequantize_block_fp8(src[k], src[k + "_scale_inv"]))
+        else:
+            assert torch.equal(t, src[k].to(want_dtype)), k
+    cfg = json.loads((bf16 / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    assert (bf16 / "tiktoken.model").read_text() == "tok" and (bf16 / "chat_template.jinja").exists()
+    assert len(CheckpointReader(bf16).shards) > 1
+
+    assert main(["convert", str(bf16), str(fp8), "--to", "fp8", "--no-progress"]) == 0
+    back = raw_tensors(fp8)
+    assert set(back) == set(src)
+    for k, t in src.items():
+        assert back[k].dtype == (t.dtype if t.dtype != torch.float32 or "_scale_inv" in k or "bias" in k
+                                 else torch.bfloat16), k
+        if k.endswith("_scale_inv"):  # bf16 rounding of W*S moves the recomputed amax by < 2^-8 relative
+            torch.testing.assert_close(back[k], t, rtol=2**-8, atol=0)
+        elif t.dtype == torch.float8_e4m3fn:  # ... which is far below the e4m3 step: the codes come back exactly
+            assert torch.equal(back[k].view(torch.uint8), t.view(torch.uint8)), k
+        else:
+            assert torch.equal(back[k], t.to(back[k].dtype)), k
+    cfg = json.loads((fp8 / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128] and cfg["torch_dtype"] == "bfloat16"
+    assert (fp8 / "model.safetensors").exists()  # default 5GB shards: one file, no index
+
+
+def test_convert_errors(fp8_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    assert main(["convert", str(fp8_src), str(dst), "--to", "bf16", "--no-progress"]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err and (dst / "keep").exists()
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--to", "bf16", "--no-progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", str(fp8_src), str(tmp_path / "o"), "--to", "int4"])
+    assert main(["convert", str(fp8_src), str(dst), "--to", "bf16", "--overwrite", "--no-progress"]) == 0
+    assert (dst / "keep").exists() and set(CheckpointReader(dst)) == set(CheckpointReader(fp8_src))
+
+
+@pytest.mark.parametrize(("text", "n"), [("5GB", 5 * 10**9), ("64MiB", 64 * 2**20), ("1000", 1000), ("1.5kb", 1500)])
+def test_parse_size(text: str, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "0", "5XB", "GB", "-1MB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
+        parse_size(text)

@@ -1,0 +1,126 @@
+"""Sampling: greedy, temperature, top-k / top-p / min-p, penalties, seeds, logprobs and constraints."""
+
+import math
+
+import pytest
+import torch
+
+from kimi_k2.engine.params import SamplingParams
+from kimi_k2.engine.sampler import apply_constraints_and_penalties, filter_logits, sample
+from kimi_k2.engine.sequence import Sequence
+
+
+def seqs_for(*params, completion=()):
+    out = []
+    for i, p in enumerate(params):
+        s = Sequence(f"r{i}", 0, [0], p)
+        s.token_ids += list(completion)
+        out.append(s)
+    return out
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    tokens, lps = sample(logits.clone(), seqs_for(*[SamplingParams(temperature=0)] * 5))
+    assert tokens == logits.argmax(-1).tolist() and lps == [None] * 5
+
+
+def test_filters_keep_the_expected_sets():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    x = probs.log()
+    one = torch.ones(1)
+
+    def kept(top_k=0, top_p=1.0, min_p=0.0):
+        y = filter_logits(x, torch.tensor([top_k]), one * top_p, one * min_p)
+        return torch.isfinite(y[0]).nonzero().flatten().tolist()
+
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.5) == [0]
+    assert kept(top_p=0.7) == [0, 1]
+    assert kept(top_p=0.9) == [0, 1, 2]
+    assert kept(min_p=0.5) == [0, 1]  # 0.15 < 0.5 * 0.5
+    assert kept(top_k=3, top_p=0.83) == [0, 1]  # renormalized top-3: 0.526 + 0.316 >= 0.83 (raw: 0.8)
+
+
+def test_sampled_frequencies_match_the_distribution():
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    p = SamplingParams(temperature=1.0, seed=123)
+    s = seqs_for(p)
+    counts = torch.zeros(4)
+    draws = 4000
+    for _ in range(draws):
+        tok, _ = sample(probs.log()[None].clone(), s)
+        counts[tok[0]] += 1
+    freq = counts / draws
+    assert torch.allclose(freq, probs, atol=0.03), freq
+
+
+def test_temperature_sharpens_and_seed_reproduces():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+
+    def run(seed, temperature=1.0, k=200):
+        s = seqs_for(SamplingParams(temperature=temperature, seed=seed))
+        return [sample(logits.clone(), s)[0][0] for _ in range(k)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert run(1, temperature=0.05).count(0) == 200
+
+
+def test_seed_is_independent_of_batch_neighbours():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    alone = sample(logits[1:2].clone(), seqs_for(SamplingParams(seed=5)))[0][0]
+    batch = seqs_for(SamplingParams(seed=99), SamplingParams(seed=5), SamplingParams(temperature=0))
+    assert sample(logits.clone(), batch)[0][1] == alone
+
+
+def test_presence_and_frequency_penalties():
+    logits = torch.zeros(1, 6)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_constraints_and_penalties(logits, seqs_for(p, completion=[2, 2, 3]))
+    assert out[0].tolist() == pytest.approx([0, 0, -(0.5 + 0.5), -(0.5 + 0.25), 0, 0])
+
+
+def test_logprobs_and_top_logprobs():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    tokens, lps = sample(logits.clone(), seqs_for(SamplingParams(temperature=0, logprobs=2)))
+    ref = logits.log_softmax(-1)[0]
+    lp = lps[0]
+    assert tokens == [1] and lp.token_id == 1 and lp.logprob == pytest.approx(float(ref[1]))
+    assert [t for t, _ in lp.top] == [1, 2] and lp.top[1][1] == pytest.approx(float(ref[2]))
+    assert math.isclose(sum(math.exp(v) for v in ref.tolist()), 1.0, rel_tol=1e-6)
+
+
+class OnlyEven:
+    """A real TokenConstraint: only even token ids until three tokens were chosen."""
+
+    def __init__(self, vocab=10):
+        self.mask = torch.arange(vocab) % 2 == 0
+        self.seen: list[int] = []
+
+    def allowed(self):
+        return self.mask
+
+    def advance(self, token_id):
+        self.seen.append(token_id)
+
+    def is_finished(self):
+        return len(self.seen) >= 3
+
+
+def test_constraint_masks_greedy_and_random():
+    logits = torch.zeros(2, 10)
+    logits[:, 1] = 10.0  # odd favourite
+    batch = seqs_for(SamplingParams(temperature=0, constraint=OnlyEven), SamplingParams(seed=0, constraint=OnlyEven))
+    for _ in range(20):
+        tokens, _ = sample(logits.clone(), batch)
+        assert all(t % 2 == 0 for t in tokens)
+
+
+def test_constraint_that_allows_nothing_is_an_error():
+    class Nothing(OnlyEven):
+        def allowed(self):
+            return torch.zeros(10, dtype=torch.bool)
+
+    with pytest.raises(ValueError, match="allows no token"):
+        sample(torch.zeros(1, 10), seqs_for(SamplingParams(constraint=Nothing)))

@@ -1,0 +1,81 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kimi_k2.train import checkpointing as ck
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def train(model, opt, steps):
+    for _ in range(steps):
+        x = torch.randn(5, 4)  # draws from the global RNG, which the checkpoint restores
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_resume_continues_bitwise(tmp_path):
+    model, opt = make()
+    train(model, opt, 3)
+    ck.save_checkpoint(tmp_path, 3, model, opt, {"tokens_seen": 15}, keep_last=2)
+    train(model, opt, 4)
+    ref = [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2 = make()
+    state = ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model2, opt2)
+    assert state["step"] == 3 and state["tokens_seen"] == 15
+    train(model2, opt2, 4)
+    for a, b in zip(ref, model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rng_streams_are_restored(tmp_path):
+    model, opt = make()
+    ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    expect = (torch.rand(3), random.random(), np.random.rand())
+    ck.load_checkpoint(tmp_path / "checkpoints" / "step_00000001", model, opt)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expect[0], got[0]) and expect[1:] == got[1:]
+
+
+def test_keep_last_prunes_and_latest_ignores_temp_dirs(tmp_path):
+    model, opt = make()
+    for step in (2, 4, 6, 8):
+        ck.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [6, 8]
+    (tmp_path / "checkpoints" / ".tmp_step_00000010_1").mkdir()  # what a kill mid-save leaves behind
+    assert ck.latest_checkpoint(tmp_path).name == "step_00000008"
+
+
+def test_failure_mid_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
+    model, opt = make()
+    ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=3)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "step_00000001")) == ["model.pt", "optimizer.pt", "state.pt"]
+
+
+def test_incomplete_checkpoint_dir_is_an_error(tmp_path):
+    (tmp_path / "step").mkdir()
+    model, opt = make()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        ck.load_checkpoint(tmp_path / "step", model, opt)
