@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kimi_k2.eval.cli", "avg@k and tool-call accuracy of an OpenAI-compatible endpoint on held-out tasks"),
     "data": ("kimi_k2.data.cli", "synthetic chat/tool-use data, pretraining corpus, held-out benchmarks"),
     "info": ("kimi_k2.model.info", "parameter counts, KV-cache and weight bytes of a model or preset"),
+    "plan": ("kimi_k2.deploy.plan", "GPU layouts (TP / PP / DP+EP) and concurrency that fit a model, from its config"),
     "convert": ("kimi_k2.checkpoint.convert", "convert a checkpoint between block-FP8 and bf16"),
     "tokenizer": ("kimi_k2.tokenizer.cli", "train a Kimi-format BPE tokenizer; encode/decode text with one"),
     "train": ("kimi_k2.train.cli", "pretrain or fine-tune from a recipe TOML (resumes; torchrun for data parallel)"),

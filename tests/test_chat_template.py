@@ -126,6 +126,10 @@ def test_directory_template_wins(tok, k2_tokenizer_dir, tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
     own = Tokenizer.from_pretrained(tmp_path)
     assert own.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    own = Tokenizer.from_pretrained(tmp_path)
+    ids = own.apply_chat_template([{"role": "user", "content": "[BOS]hi"}], tokenize=True)
+    assert ids[0] == own.bos_id and ids.count(own.bos_id) == 1  # the template's bos_token, not the user's text
     with pytest.raises(ValueError, match="does not compile"):
         Tokenizer({bytes([b]): b for b in range(256)}, chat_template="{% if %}").apply_chat_template([])
 
@@ -226,3 +230,10 @@ def test_training_mask_first_message_assistant(tok):
     ids, mask = tok.encode_chat_for_training([{"role": "assistant", "content": "Hi!"}])
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Hi!<|im_end|>"
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if not m]) == SYS + GEN
+
+
+def test_training_mask_needs_a_prefix_stable_template(tok):
+    odd = Tokenizer({bytes([b]): b for b in range(256)},
+                    chat_template="{{ messages | length }}{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    with pytest.raises(ValueError, match="prefix"):
+        odd.encode_chat_for_training([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors
@@ -122,28 +124,38 @@ def test_round_trip_fp8_sharded(tmp_path: Path) -> None:
 
 
 class CountingOpen:
-    """Wraps safe_open: records, at each close, which model tensors are already materialized."""
+    """Wraps safe_open: counts open shards and checkpoint tensors alive (read with get_tensor, not yet freed)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.open_now, self.max_open, self.log = model, 0, 0, []
+    def __init__(self) -> None:
+        self.open_now, self.max_open, self.live, self.max_live, self.log = 0, 0, 0, 0, []
 
     def __call__(self, path: os.PathLike[str], framework: str) -> CountingOpen._Handle:
         return CountingOpen._Handle(self, Path(path).name, safetensors.safe_open(path, framework=framework))
 
-    class _Handle:
-        def __init__(self, owner: CountingOpen, name: str, inner: object) -> None:
-            self.owner, self.name, self.inner = owner, name, inner
+    def _freed(self) -> None:
+        self.live -= 1
 
-        def __enter__(self) -> object:
+    class _Handle:
+        def __init__(self, owner: CountingOpen, name: str, inner: Any) -> None:
+            self.owner, self.name, self.inner, self.f = owner, name, inner, None
+
+        def __enter__(self) -> CountingOpen._Handle:
             self.owner.open_now += 1
             self.owner.max_open = max(self.owner.max_open, self.owner.open_now)
-            return self.inner.__enter__()
+            self.f = self.inner.__enter__()
+            return self
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            t = self.f.get_tensor(name)
+            self.owner.live += 1
+            self.owner.max_live = max(self.owner.max_live, self.owner.live)
+            weakref.finalize(t, self.owner._freed)
+            return t
 
         def __exit__(self, *exc: object) -> None:
             self.inner.__exit__(*exc)
             self.owner.open_now -= 1
-            done = {k for k, v in self.owner.model.state_dict().items() if not v.is_meta}
-            self.owner.log.append((self.name, done))
+            self.owner.log.append((self.name, self.owner.live))
 
 
 def test_loading_is_lazy_shard_by_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,19 +163,18 @@ def test_loading_is_lazy_shard_by_shard(tmp_path: Path, monkeypatch: pytest.Monk
     save_state_dict(sd, tmp_path / "ck", CONFIG, fp8=True, max_shard_size=50_000)
     reader = CheckpointReader(tmp_path / "ck")
     assert len(reader.shards) >= 5
-    model = meta_toy()
-    counter = CountingOpen(model)
+    counter = CountingOpen()
     monkeypatch.setattr(reader_mod, "safe_open", counter)
+    model = meta_toy()
     load_into(model, tmp_path / "ck")
-    # one shard open at a time, each opened once, in order; and each shard's tensors are already in the model
-    # when it is closed, before the next shard is opened (an eager load-everything-then-assign loader fails this)
+    # one shard open at a time, each opened once, in order; at most one checkpoint tensor (plus its fp8 scale) is
+    # held at any time and none outlives its shard. An eager loader (load_file every shard, then load_state_dict)
+    # holds all of them at once and fails this.
     assert counter.max_open == 1
-    assert [name for name, _ in counter.log] == reader.shards
-    loaded: set[str] = set()
-    for shard, done in counter.log:
-        loaded |= set(reader.names_in(shard))
-        assert done == loaded, shard
-    assert loaded == set(sd)
+    assert counter.log == [(shard, 0) for shard in reader.shards]
+    assert counter.max_live == 2
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if "proj" not in k)
 
 
 def write_raw(d: Path, shards: dict[str, dict[str, torch.Tensor]], config: dict | None = None,
@@ -371,3 +382,22 @@ def test_extra_files_are_copied(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="extra file config.json would overwrite"):
         save_state_dict(random_state(), tmp_path / "ck2", CONFIG, extra_files=[tmp_path / "ck" / "config.json"])
     assert not (tmp_path / "ck2").exists()
+
+
+def test_reader_api(saved: Path) -> None:
+    reader = CheckpointReader(saved)
+    sd = random_state(torch.bfloat16)
+    assert len(reader) == len(sd) and "model.norm.weight" in reader and "lm_head.weight_scale_inv" not in reader
+    data_bytes = sum((saved / s).stat().st_size - 8 - int.from_bytes((saved / s).read_bytes()[:8], "little")
+                     for s in reader.shards)
+    assert reader.total_bytes == data_bytes
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert reader.is_fp8(name) and reader.shape(name) == (300, 130)
+    w = reader.get(name, torch.float32)
+    assert w.dtype == torch.float32 and ((w - sd[name].float()).abs() <= fp8_bound(sd[name].float())).all()
+    assert torch.equal(reader.get("model.norm.weight"), sd["model.norm.weight"])
+    assert dict(reader.tensors(names={"model.norm.weight"})).keys() == {"model.norm.weight"}
+    with pytest.raises(CheckpointError, match="tensor nope.weight is not in the checkpoint"):
+        reader.get("nope.weight")
+    with pytest.raises(ValueError, match=r"cannot load weights as torch.int8"):
+        load_into(meta_toy(), saved, dtype=torch.int8)

@@ -49,6 +49,16 @@ def test_heldout_disjoint_from_train(train, heldout):
     assert {TOOLS[t].split for e in train for t in e.tools} == {"train"}
 
 
+def test_heldout_words_never_appear_in_train(train, heldout):
+    """No held-out string argument (city, date, item, ...) occurs as a word anywhere in a train conversation."""
+    text = " ".join(json.dumps(e.conversation()) for e in train).lower()
+    words = {json.loads(v) for e in heldout for v in synthetic.footprint(e)["values"] if v.startswith('"')}
+    words = {w for w in words if len(w) >= 4}
+    assert len(words) > 30
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b")
+    assert sorted(set(pattern.findall(text))) == []
+
+
 def test_check_heldout_can_fail(train):
     leaked = synthetic.episode(11, "train", 5)  # a train episode posing as held-out
     with pytest.raises(ValueError, match="shares"):
@@ -158,3 +168,10 @@ def test_cli_synth(tmp_path):
     held = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and len(held) == 4
     assert rows == [e.conversation() for e in synthetic.episodes(5, "train", 40)]
+
+
+@pytest.mark.slow
+def test_heldout_disjoint_at_scale():
+    train = list(synthetic.episodes(0, "train", 20000))
+    heldout = list(synthetic.episodes(0, "heldout", 5000))
+    synthetic.check_heldout(train, heldout)

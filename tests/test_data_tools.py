@@ -41,7 +41,8 @@ def test_every_tool_executes_and_is_json():
 def test_tool_results_are_right():
     env = ToolEnv()
     assert env.call("calculator", CALLS["calculator"])["result"] == (3 + 4) * 2**3 - 10 / 4
-    assert env.call("convert_units", CALLS["convert_units"])["result"] == 1.61  # 1 mile = 1.609344 km
+    assert env.call("convert_units", CALLS["convert_units"])["result"] == 1.609  # 1 mile = 1.609344 km
+    assert env.call("convert_units", {"value": 7, "from_unit": "mm", "to_unit": "mi"})["result"] == 4.35e-06
     assert env.call("convert_currency", CALLS["convert_currency"])["result"] == 100
     assert env.call("convert_timezone", CALLS["convert_timezone"]) == {
         "from_city": "London", "to_city": "Tokyo", "time": "08:30", "day_offset": 1}

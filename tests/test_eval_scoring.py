@@ -66,6 +66,7 @@ def test_summarize_is_avg_at_k():
                _record("c", "multi_turn", 0, False, [True, False]), _record("c", "multi_turn", 1, False, [True, False])]
     s = summarize(records)
     assert s["all"]["avg@k"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert s["all"]["pass^k"] == pytest.approx(1 / 3) and s["single"]["pass^k"] == 0.5
     assert s["single"]["avg@k"] == 0.75 and s["multi_turn"]["avg@k"] == 0
     assert s["multi_turn"]["tool_name"] == 0.5 and s["all"]["args_valid"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     assert s["all"]["n_tasks"] == 3 and s["all"]["k"] == 2

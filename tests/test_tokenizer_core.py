@@ -139,3 +139,26 @@ def test_bad_directories(tmp_path, k2_tokenizer_dir):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"5": {"content": "x"}}}))
     with pytest.raises(ValueError, match="outside the special range"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def _reference_runs(s, limit=25_000):
+    """tokenization_kimi.py `_split_whitespaces_or_nonwhitespaces`, restated."""
+    count, space, start = 0, s[:1].isspace(), 0
+    for i, ch in enumerate(s):
+        if ch.isspace() != space:
+            count, space = 1, ch.isspace()
+        else:
+            count += 1
+            if count > limit:
+                yield s[start:i]
+                start, count = i, 1
+    yield s[start:]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", " ", "\n", "\u3000", "é"]), st.integers(1, 60_000)), max_size=4))
+def test_long_runs_split_like_the_original(segments):
+    from kimi_k2.tokenizer.tokenizer import _runs
+
+    s = "".join(ch * n for ch, n in segments)
+    assert list(_runs(s)) == list(_reference_runs(s))

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from kimi_k2.checkpoint.fp8 import is_quantized_name
-from kimi_k2.checkpoint.reader import CheckpointError, CheckpointReader, cast_for
+from kimi_k2.checkpoint.reader import CheckpointError, CheckpointReader, loaded_dtype
 from kimi_k2.checkpoint.writer import ShardWriter, checkpoint_config, is_weight_file, prepare
 from kimi_k2.config import K2Config
 
@@ -44,7 +44,7 @@ def convert(src: Path, dst: Path, to: str, max_shard_size: int, progress: bool =
         tensors = reader.tensors(dtype=torch.float32 if fp8 else torch.bfloat16)
         for name, t in tqdm(tensors, total=len(reader), unit="tensor", desc=f"to {to}", disable=not progress):
             if not (fp8 and is_quantized_name(name) and t.ndim == 2):
-                t = cast_for(name, t, torch.bfloat16)
+                t = t.to(loaded_dtype(name, t.dtype, torch.bfloat16))
             writer.add(prepare(name, t, fp8))
         writer.commit(checkpoint_config(config, fp8, torch.bfloat16), extra)
 

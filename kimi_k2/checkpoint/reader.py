@@ -23,6 +23,7 @@ from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_block_fp8
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FP32_TENSORS = ("e_score_correction_bias",)  # the router computes in fp32 whatever the model dtype
+LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # present in some published checkpoints; recomputed by the model
 
 _DTYPES = {
@@ -51,13 +52,15 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         raise CheckpointError(f"unreadable safetensors file {path}: {e!r}") from e
 
 
-def cast_for(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The dtype a loaded tensor ends up in: fp32 for the router bias, `dtype` for other floats, else as stored."""
+def loaded_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """fp32 for the router bias; `dtype` for floats (fp8 dequantizes to bf16 when None); else as stored."""
+    if dtype is not None and dtype not in LOAD_DTYPES:
+        raise ValueError(f"cannot load weights as {dtype}; choose one of {LOAD_DTYPES} (or None: as stored)")
     if name.endswith(FP32_TENSORS):
-        return t.float()
-    if dtype is None or not t.is_floating_point():
-        return t
-    return t.to(dtype)
+        return torch.float32
+    if stored == FP8_DTYPE:
+        return dtype or torch.bfloat16
+    return dtype if dtype is not None and stored.is_floating_point else stored
 
 
 class CheckpointReader:
@@ -89,7 +92,12 @@ class CheckpointReader:
         self.block = _block_size(self.directory / "config.json")
         self.names = [n for n in self.weight_map if not n.endswith(IGNORED_SUFFIXES) and not self._is_scale_of_fp8(n)]
         self._name_set = set(self.names)
+        self._by_shard: dict[str, list[str]] = {shard: [] for shard in self.shards}
         for name in self.names:
+            self._by_shard[self.weight_map[name]].append(name)
+        for name in self.names:
+            if self.stored_dtype(name) == torch.float8_e5m2:
+                raise CheckpointError(f"tensor {name} is float8_e5m2; only e4m3 block-FP8 is supported")
             if self.is_fp8(name):
                 self._check_scale(name)
 
@@ -119,42 +127,54 @@ class CheckpointReader:
         return sum(_nbytes(*self.info[name]) for name in self.weight_map)
 
     def names_in(self, shard: str) -> list[str]:
-        return [name for name in self if self.weight_map[name] == shard]
+        return self._by_shard[shard]
 
     # ---- data -------------------------------------------------------------------------------------
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, dequantized if block-FP8 (to `dtype`, bf16 when None), else cast as `cast_for` says."""
-        if name not in self.weight_map:
+        """One tensor, dequantized if block-FP8, in the dtype `loaded_dtype` gives."""
+        if name not in self:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.directory}")
-        with safe_open(self.directory / self.weight_map[name], framework="pt") as f:
-            return self._load(f, self.weight_map[name], name, dtype)
+        (_, _, t), = self._walk({name}, dtype)
+        return t
 
     def tensors(
         self, dtype: torch.dtype | None = None, names: set[str] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every logical tensor (or those in `names`), one shard open at a time."""
+        for _, name, t in self._walk(names, dtype):
+            yield name, t
+
+    def read_into(self, outs: dict[str, torch.Tensor]) -> None:
+        """Copy (dequantizing, casting) each named tensor into the preallocated `outs[name]`, shard by shard."""
+        for _ in self._walk(set(outs), None, outs):
+            pass
+
+    def _walk(
+        self, names: set[str] | None, dtype: torch.dtype | None, outs: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[tuple[str, str, torch.Tensor]]:
         for shard in self.shards:
             todo = [n for n in self.names_in(shard) if names is None or n in names]
             if not todo:
                 continue
             with safe_open(self.directory / shard, framework="pt") as f:
                 for name in todo:
-                    yield name, self._load(f, shard, name, dtype)
+                    # allocated before the temporaries of dequantization, so those are freed from the top of the
+                    # heap (allocating them first fragmented glibc's heap and doubled the RSS of a model load)
+                    out = outs[name] if outs is not None else torch.empty(
+                        self.shape(name), dtype=loaded_dtype(name, self.stored_dtype(name), dtype))
+                    yield shard, name, self._read(f, shard, name, out)
 
-    def _load(self, f: Any, shard: str, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        t = f.get_tensor(name)
-        if t.dtype == torch.float8_e5m2:
-            raise CheckpointError(f"tensor {name} is float8_e5m2; only e4m3 block-FP8 checkpoints are supported")
-        if t.dtype != FP8_DTYPE:  # safe_open's tensors view the file's mmap: copy so the model owns its memory
-            out = cast_for(name, t, dtype)
-            return out.clone() if out.data_ptr() == t.data_ptr() else out
+    def _read(self, f: Any, shard: str, name: str, out: torch.Tensor) -> torch.Tensor:
+        t = f.get_tensor(name)  # a view of the file's mmap: copied into `out`, so the model owns its memory
+        if t.dtype != FP8_DTYPE:
+            return out.copy_(t)
         scale_name = name + SCALE_SUFFIX
         if self.weight_map[scale_name] == shard:
             scale = f.get_tensor(scale_name)
         else:  # the scale lives in another shard: read just that tensor
             with safe_open(self.directory / self.weight_map[scale_name], framework="pt") as g:
                 scale = g.get_tensor(scale_name)
-        return dequantize_block_fp8(t, scale, self.block, torch.bfloat16 if dtype is None else dtype)
+        return dequantize_block_fp8(t, scale, self.block, out=out)
 
     # ---- checks -----------------------------------------------------------------------------------
     def _is_scale_of_fp8(self, name: str) -> bool:
@@ -225,7 +245,13 @@ def load_into(
     """
     reader = CheckpointReader(directory)
     targets = model.state_dict(keep_vars=True)
-    missing = [n for n in targets if n not in reader]
+    # tied tensors (lm_head.weight = embed_tokens.weight) are one object under several names: read it once, under
+    # the first of its names the checkpoint has
+    source: dict[int, str] = {}
+    for name, t in targets.items():
+        if name in reader:
+            source.setdefault(id(t), name)
+    missing = [n for n, t in targets.items() if id(t) not in source]
     unexpected = [n for n in reader if n not in targets]
     if missing:
         raise CheckpointError(f"checkpoint {reader.directory} lacks {len(missing)} tensors of the model: {missing}")
@@ -235,21 +261,22 @@ def load_into(
             raise CheckpointError(msg)
         warnings.warn(msg, stacklevel=2)
     for name, t in targets.items():
-        if tuple(t.shape) != reader.shape(name):
+        if name in reader and tuple(t.shape) != reader.shape(name):
             raise CheckpointError(
                 f"shape mismatch for {name}: checkpoint {reader.shape(name)}, model {tuple(t.shape)}"
             )
-    slots = {}  # name -> (module, attribute, is_parameter)
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, is_param in [(a, True) for a in module._parameters] + [(a, False) for a in module._buffers]:
-            full = f"{prefix}.{attr}" if prefix else attr
-            if full in targets:
-                slots[full] = (module, attr, is_param)
-    for name, t in reader.tensors(dtype, names=set(targets)):
-        module, attr, is_param = slots[name]
-        t = t.to(device)
-        if is_param:
-            old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(t, requires_grad=old is not None and old.requires_grad)
-        else:
-            module._buffers[attr] = t
+    outs = {
+        name: torch.empty(reader.shape(name), dtype=loaded_dtype(name, reader.stored_dtype(name), dtype), device=device)
+        for name in source.values()
+    }
+    reader.read_into(outs)
+    new: dict[int, torch.Tensor] = {}
+    for t in targets.values():
+        if id(t) not in new:
+            out = outs[source[id(t)]]
+            new[id(t)] = nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for attr, old in list(slots.items()):
+                if old is not None and id(old) in new:
+                    slots[attr] = new[id(old)]

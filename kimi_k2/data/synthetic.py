@@ -18,6 +18,7 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 
 from kimi_k2.data import world
 from kimi_k2.data.phrasings import CONNECT, UNIT_NAMES, USER
@@ -91,7 +92,7 @@ class Episode:
 
 def fmt(x: float) -> str:
     """Numbers as the answers write them: no exponent, no trailing zeros."""
-    return str(int(x)) if float(x) == int(x) else f"{x:.4f}".rstrip("0").rstrip(".")
+    return str(int(x)) if float(x) == int(x) else format(Decimal(repr(float(x))), "f")
 
 
 class Gen:
@@ -233,7 +234,7 @@ def distance(g: Gen) -> Single:
 
 
 def split_bill(g: Gen) -> Single:
-    total = g.rng.randint(20, 400) + g.rng.randint(1, 99) / 100
+    total = round(g.rng.randint(20, 400) + g.rng.randint(1, 99) / 100, 2)
     people, tip = g.rng.randint(2, 6), g.rng.choice([12.5, 17.5, 22.5])
     c = g.call("split_bill", total=total, people=people, tip_percent=tip)
     user, t = g.phrase("split_bill", total=fmt(total), people=people, tip_percent=fmt(tip))

@@ -51,6 +51,11 @@ def _num(x: float, nd: int = 2) -> float | int:
     return int(x) if x == int(x) else x
 
 
+def _sig(x: float) -> float | int:
+    """Round to 2 decimals, or to 4 significant digits when that keeps more (0.000435 stays, not 0.0)."""
+    return _num(x, max(2, 3 - math.floor(math.log10(abs(x)))) if x else 2)
+
+
 def _hash(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).lower().encode()).digest()[:8], "big")
 
@@ -120,7 +125,7 @@ def convert_units(state: dict, value: float, from_unit: str, to_unit: str) -> di
     (d1, f1), (d2, f2) = UNITS[from_unit], UNITS[to_unit]
     if d1 != d2:
         raise ToolError(f"cannot convert {d1} unit {from_unit!r} to {d2} unit {to_unit!r}")
-    return {"value": value, "from_unit": from_unit, "to_unit": to_unit, "result": _num(value * f1 / f2)}
+    return {"value": value, "from_unit": from_unit, "to_unit": to_unit, "result": _sig(value * f1 / f2)}
 
 
 def convert_currency(state: dict, amount: float, from_currency: str, to_currency: str) -> dict:
@@ -129,7 +134,7 @@ def convert_currency(state: dict, amount: float, from_currency: str, to_currency
             raise ToolError(f"unknown currency {code!r}")
     rate = RATES_PER_USD[to_currency] / RATES_PER_USD[from_currency]
     return {"amount": amount, "from_currency": from_currency, "to_currency": to_currency,
-            "rate": _num(rate, 6), "result": _num(amount * rate)}
+            "rate": _num(rate, 6), "result": _sig(amount * rate)}
 
 
 def convert_timezone(state: dict, time: str, from_city: str, to_city: str) -> dict:

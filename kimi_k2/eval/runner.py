@@ -1,8 +1,9 @@
 """Run benchmarks: k samples of every task on a bounded thread pool, then avg@k and tool-call accuracy.
 
-avg@k (the K2 model cards' metric): the mean over tasks of the fraction of a task's k samples that succeed. The other
-columns average the same way: per sample over its turns (tool_name, args_correct, answer_ok), its calls (args_valid)
-or its end state (state_ok), then over samples and tasks.
+avg@k (the K2 model cards' metric): the mean over tasks of the fraction of a task's k samples that succeed. pass^k
+(Tau-bench's reliability metric): the fraction of tasks whose k samples all succeed. The other columns average like
+avg@k: per sample over its turns (tool_name, args_correct, answer_ok), its calls (args_valid) or its end state
+(state_ok), then over samples and tasks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import openai
 from kimi_k2.eval.episode import Sampling, run_episode
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-METRICS = ["avg@k", "tool_name", "args_valid", "args_correct", "answer_ok", "state_ok"]
+METRICS = ["avg@k", "pass^k", "tool_name", "args_valid", "args_correct", "answer_ok", "state_ok"]
 
 
 def load_tasks(name_or_path: str, limit: int | None = None) -> tuple[str, list[dict]]:
@@ -53,7 +54,7 @@ def evaluate(client: openai.OpenAI, tasks: list[dict], sampling: Sampling, k: in
 def _sample_metrics(r: dict) -> dict[str, float]:
     turns = r["turns"]
     made = sum(t["calls_made"] for t in turns)
-    return {"avg@k": float(r["success"]),
+    return {"avg@k": float(r["success"]), "pass^k": float(r["success"]),
             "tool_name": mean(t["tool_name"] for t in turns) if turns else 0.0,
             "args_valid": sum(t["calls_valid"] for t in turns) / made if made else 1.0,
             "args_correct": mean(t["args_correct"] for t in turns) if turns else 0.0,
@@ -72,7 +73,8 @@ def summarize(records: list[dict]) -> dict:
         groups[rs[0]["kind"]].append(task_id)
     out = {}
     for group, ids in groups.items():
-        per_task = [{m: mean(_sample_metrics(r)[m] for r in by_task[i]) for m in METRICS} for i in ids]
+        per_task = [{m: (min if m == "pass^k" else mean)(_sample_metrics(r)[m] for r in by_task[i]) for m in METRICS}
+                    for i in ids]
         out[group] = {m: mean(t[m] for t in per_task) for m in METRICS} | {
             "n_tasks": len(ids), "k": len(by_task[ids[0]]),
             "errors": sum(r["error"] is not None for i in ids for r in by_task[i])}

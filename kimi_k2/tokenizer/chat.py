@@ -2,7 +2,7 @@
 
 `render_pieces` renders a Jinja chat template into (text, from_data) pieces: text the template writes itself
 (its role markers) and text that came out of a `{{ ... }}` expression (message content, names, ids, tool JSON).
-Joined, the pieces are exactly `render`'s string; kept apart, they let the tokenizer refuse to turn special-token
+Joined, the pieces are the rendered prompt; kept apart, they let the tokenizer refuse to turn special-token
 text inside client data into special tokens while the template's own markers still become special tokens.
 """
 
@@ -25,6 +25,10 @@ _KIMI_ID = re.compile(r"functions\.(?P<name>.+):(?P<idx>\d+)")
 _VALUES = "_k2_values"  # render-time variable that collects the expression outputs
 
 
+class Marker(str):
+    """A template variable holding special-token text the template may print as its own marker (`bos_token`, ...)."""
+
+
 def builtin_template() -> str:
     return resources.files("kimi_k2.tokenizer").joinpath("chat_template.jinja").read_text(encoding="utf-8")
 
@@ -44,7 +48,7 @@ def _finalize(ctx: jinja2.runtime.Context, value: Any) -> str:
     """Swap each `{{ ... }}` output for a placeholder; the value is kept in the render's `_k2_values` list."""
     text = "" if value is None else str(value)
     values = ctx.get(_VALUES)
-    if values is None:
+    if values is None or isinstance(value, Marker):
         return text
     nonce = values[0]
     if nonce in text:  # a macro's output that already holds placeholders
@@ -159,7 +163,3 @@ def render_pieces(template: str, messages: list[dict[str, Any]], tools: list[dic
             pieces.append((text_k, bool(k % 2)))
     return pieces
 
-
-def render(template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-           add_generation_prompt: bool = True, **kwargs: Any) -> str:
-    return "".join(t for t, _ in render_pieces(template, messages, tools, add_generation_prompt, **kwargs))

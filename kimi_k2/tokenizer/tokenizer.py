@@ -34,15 +34,15 @@ _MAX_CHARS = 400_000
 _MAX_RUN = 25_000
 
 
+_LONG_RUN = re.compile(rf"\s{{{_MAX_RUN + 1},}}|\S{{{_MAX_RUN + 1},}}")
+
+
 def _runs(s: str) -> Iterable[str]:
-    start, count, ws = 0, 0, False
-    for i, ch in enumerate(s):
-        is_ws = ch.isspace()
-        count = count + 1 if is_ws == ws else 1
-        ws = is_ws
-        if count > _MAX_RUN:
-            yield s[start:i]
-            start, count = i, 1
+    start = 0
+    for m in _LONG_RUN.finditer(s):
+        for cut in range(m.start() + _MAX_RUN, m.end(), _MAX_RUN):
+            yield s[start:cut]
+            start = cut
     yield s[start:]
 
 
@@ -77,9 +77,6 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {v["content"]: int(i) for i, v in decoder.items()}
         if len(self.special_tokens) != NUM_RESERVED_SPECIAL_TOKENS:
             raise ValueError("special token names must be distinct")
-        clash = [s for s in self.special_tokens if s.encode() in mergeable_ranks and len(s) > 1]
-        if clash:
-            raise ValueError(f"special tokens {clash[:3]} are also base tokens")
         self.n_vocab = n + NUM_RESERVED_SPECIAL_TOKENS
         self.model = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                        special_tokens=self.special_tokens, explicit_n_vocab=self.n_vocab)
@@ -112,6 +109,8 @@ class Tokenizer:
                 raise ValueError(f"{d / 'tokenizer_config.json'} is not valid JSON: {e}") from e
         names = None if "added_tokens_decoder" not in config else {}
         for i, entry in (config.get("added_tokens_decoder") or {}).items():
+            if not i.isdigit() or not isinstance(entry, dict):
+                raise ValueError(f"added_tokens_decoder entry {i!r}: expected an id -> {{'content': ...}} object")
             k = int(i) - n
             if not 0 <= k < NUM_RESERVED_SPECIAL_TOKENS:
                 raise ValueError(f"added token {entry.get('content')!r} has id {i}, outside the special range "
@@ -132,12 +131,10 @@ class Tokenizer:
         (d / "tiktoken.model").write_text("\n".join(lines) + "\n")
         config = {
             "added_tokens_decoder": self._decoder,
-            "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
             "bos_token": "[BOS]",
             "eos_token": "[EOS]",
             "pad_token": "[PAD]",
             "unk_token": "[UNK]",
-            "model_max_length": 1048576,
             "tokenizer_class": "TikTokenTokenizer",
         }
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -210,8 +207,7 @@ class Tokenizer:
                             add_generation_prompt: bool = True, tokenize: bool = False,
                             special_in_content: bool | None = None, **template_kwargs: Any) -> str | list[int]:
         """Render (and with `tokenize=True` encode) a conversation with this tokenizer's chat template."""
-        pieces = chat.render_pieces(self.chat_template, chat.normalize_messages(messages), tools,
-                                    add_generation_prompt, **template_kwargs)
+        pieces = self._render(chat.normalize_messages(messages), tools, add_generation_prompt, template_kwargs)
         if not tokenize:
             return "".join(t for t, _ in pieces)
         return self._encode_pieces([(t, d, False) for t, d in pieces], special_in_content)[0]
@@ -227,16 +223,15 @@ class Tokenizer:
         default system prompt in front of a first message), everything up to the generation prompt's last marker.
         """
         msgs = chat.normalize_messages(messages)
-        pieces = chat.render_pieces(self.chat_template, msgs, tools, False, **template_kwargs)
+        pieces = self._render(msgs, tools, False, template_kwargs)
         full = "".join(t for t, _ in pieces)
         literal = _literal_spans(pieces, self._special_re)
         spans: list[tuple[int, int]] = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            before = chat.render(self.chat_template, msgs[:i], tools, False, **template_kwargs)
-            prompt = chat.render(self.chat_template, msgs[:i], tools, True, **template_kwargs)
-            after = chat.render(self.chat_template, msgs[: i + 1], tools, False, **template_kwargs)
+            before, prompt, after = ("".join(t for t, _ in self._render(msgs[:n], tools, gen, template_kwargs))
+                                     for n, gen in ((i, False), (i, True), (i + 1, False)))
             if not (prompt.startswith(before) and after.startswith(before) and full.startswith(after)):
                 raise ValueError(f"chat template does not render messages[:{i}] as a prefix of the conversation; "
                                  "cannot locate assistant turns for the training mask")
@@ -256,6 +251,14 @@ class Tokenizer:
                 marked.append((text[a:b], from_data, any(s <= pos + a < e for s, e in spans)))
             pos += len(text)
         return self._encode_pieces(marked, special_in_content)
+
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool,
+                template_kwargs: dict[str, Any]) -> list[tuple[str, bool]]:
+        # as Hugging Face, the special-token names are template variables (printed as markers, not as data)
+        names = {f"{k}_token": chat.Marker(v) for k, v in
+                 (("bos", "[BOS]"), ("eos", "[EOS]"), ("unk", "[UNK]"), ("pad", "[PAD]")) if v in self.special_tokens}
+        return chat.render_pieces(self.chat_template, messages, tools, add_generation_prompt,
+                                  **{**names, **template_kwargs})
 
     def _header_end(self, header: str, literal: list[tuple[int, int, str]], lo: int, hi: int, i: int) -> int:
         markers = self._special_re.findall(header)

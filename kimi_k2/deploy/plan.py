@@ -1,0 +1,228 @@
+"""`kimi-k2 plan`: which GPU layouts hold a K2-family model, and how many sequences of a given context fit.
+
+Everything is computed from the config alone:
+- weight bytes per component, block-FP8 as published (fp8 projections + one fp32 scale per 128x128 block; bf16
+  embeddings, lm_head, norms, router; fp32 router bias) or bf16;
+- the MLA latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per layer. MLA shares the latent across
+  heads, so tensor parallelism cannot split it: every TP rank keeps the whole latent of every sequence (vLLM's MLA
+  backend, shared/reference/serving_anchors.md §2). Data-parallel attention keeps each sequence on one rank only.
+
+Layouts (per rank = one GPU):
+- TP=N: every matrix split N ways; all ranks hold the cache of all sequences.
+- TP=t x PP=p: layers split into p stages of t-way TP; a rank holds the cache of its stage's layers.
+- DP=N attention + EP=N experts: attention, dense MLP, shared experts and embeddings replicated, routed experts
+  split N ways; each rank holds the cache of its own sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from kimi_k2.config import PRESETS, K2Config
+
+GB = 1e9
+GiB = 2**30
+# Memory per GPU as vendors state it (decimal GB).
+GPUS: dict[str, float] = {
+    "H200": 141 * GB, "H20": 96 * GB, "H100": 80 * GB, "H800": 80 * GB, "A100": 80 * GB, "B200": 180 * GB,
+    "GB200": 186 * GB, "MI300X": 192 * GB, "MI325X": 256 * GB, "L40S": 48 * GB, "RTX4090": 24 * GB,
+}
+
+COMPONENTS = ("embed", "attention", "dense_mlp", "routed_experts", "shared_experts", "replicated")
+
+
+def _matrix_bytes(rows: int, cols: int, fp8: bool, block: tuple[int, int]) -> int:
+    if not fp8:
+        return 2 * rows * cols
+    return rows * cols + 4 * math.ceil(rows / block[0]) * math.ceil(cols / block[1])
+
+
+def component_bytes(cfg: K2Config, fp8: bool = True) -> dict[str, int]:
+    """Weight bytes of the whole model by component ('replicated': norms, router weight and bias)."""
+    D, H, L, blk = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.weight_block_size
+
+    def mat(rows: int, cols: int) -> int:
+        return _matrix_bytes(rows, cols, fp8, blk)
+
+    out = dict.fromkeys(COMPONENTS, 0)
+    out["embed"] = 2 * cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
+    if cfg.q_lora_rank:
+        attn = mat(cfg.q_lora_rank, D) + mat(H * cfg.qk_head_dim, cfg.q_lora_rank) + 2 * cfg.q_lora_rank
+    else:
+        attn = mat(H * cfg.qk_head_dim, D)
+    attn += mat(cfg.kv_lora_rank + cfg.qk_rope_head_dim, D) + 2 * cfg.kv_lora_rank
+    attn += mat(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank) + mat(D, H * cfg.v_head_dim)
+    out["attention"] = L * attn
+    out["replicated"] = 2 * D * (2 * L + 1)  # input/post-attention norms per layer, final norm
+    expert = 2 * mat(cfg.moe_intermediate_size, D) + mat(D, cfg.moe_intermediate_size)
+    for i in range(L):
+        if cfg.is_moe_layer(i):
+            out["routed_experts"] += (cfg.n_routed_experts or 0) * expert
+            out["shared_experts"] += (cfg.n_shared_experts or 0) * expert
+            out["replicated"] += 2 * (cfg.n_routed_experts or 0) * D + 4 * (cfg.n_routed_experts or 0)
+        else:
+            out["dense_mlp"] += 2 * mat(cfg.intermediate_size, D) + mat(D, cfg.intermediate_size)
+    return out
+
+
+def kv_bytes_per_token(cfg: K2Config, dtype_bytes: int = 2) -> int:
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype_bytes
+
+
+@dataclass
+class Layout:
+    name: str
+    weights_per_rank: float  # bytes
+    kv_per_token_per_rank: float  # bytes each rank stores per cached token of a sequence it holds
+    seqs_share_ranks: int  # ranks that hold one sequence's cache together (N for TP, t for TP x PP, 1 for DP)
+    ranks: int
+    free_per_rank: float = 0.0
+    seqs_per_rank: int = 0
+    max_seqs: int = 0
+    fits: bool = False
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    model: str
+    gpu: str
+    n_gpus: int
+    context: int
+    concurrency: int
+    fp8: bool
+    total_weight_bytes: int
+    kv_bytes_token: int
+    usable_per_gpu: float
+    layouts: list[Layout]
+
+    @property
+    def fits(self) -> bool:
+        return any(lay.fits for lay in self.layouts)
+
+
+def _layouts(cfg: K2Config, parts: dict[str, int], n: int, kv_tok: int, gpus_per_node: int) -> list[Layout]:
+    total = sum(parts.values())
+    out: list[Layout] = []
+    heads, experts = cfg.num_attention_heads, cfg.n_routed_experts or 0
+    if heads % n == 0:
+        out.append(Layout(f"TP={n}", (total - parts["replicated"]) / n + parts["replicated"], kv_tok, n, n))
+    for t in sorted({gpus_per_node, 8, 4, 2}):
+        p = n // t
+        if p < 2 or t * p != n or heads % t or p > cfg.num_hidden_layers:
+            continue
+        per_layer = (total - parts["embed"] - parts["replicated"]) / cfg.num_hidden_layers
+        stage_layers = math.ceil(cfg.num_hidden_layers / p)
+        weights = per_layer * stage_layers / t + parts["embed"] / 2 / t + parts["replicated"]
+        out.append(Layout(f"TP={t} x PP={p}", weights, kv_tok * stage_layers / cfg.num_hidden_layers, t, n))
+    if experts and experts % n == 0 and n > 1:
+        weights = total - parts["routed_experts"] + parts["routed_experts"] / n
+        out.append(Layout(f"DP={n} attention + EP={n}", weights, kv_tok, 1, n))
+    return out
+
+
+def make_plan(cfg: K2Config, gpu: str, n_gpus: int, context: int, concurrency: int = 1, fp8: bool = True,
+              gpu_memory_utilization: float = 0.9, reserve_gib: float = 2.0, kv_dtype_bytes: int = 2,
+              gpus_per_node: int = 8, model_name: str = "model") -> Plan:
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(sorted(GPUS))}")
+    if n_gpus < 1 or context < 1 or concurrency < 1:
+        raise ValueError("GPU count, context and concurrency must be >= 1")
+    if context > cfg.max_position_embeddings:
+        raise ValueError(f"context {context} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    parts = component_bytes(cfg, fp8)
+    kv_tok = kv_bytes_per_token(cfg, kv_dtype_bytes)
+    usable = GPUS[gpu] * gpu_memory_utilization - reserve_gib * GiB
+    layouts = _layouts(cfg, parts, n_gpus, kv_tok, gpus_per_node)
+    if n_gpus == 1:
+        layouts = [Layout("single GPU", sum(parts.values()), kv_tok, 1, 1)]
+    for lay in layouts:
+        lay.free_per_rank = usable - lay.weights_per_rank
+        per_seq = lay.kv_per_token_per_rank * context
+        lay.seqs_per_rank = max(0, int(lay.free_per_rank // per_seq)) if lay.free_per_rank > 0 else 0
+        # a TP group (all N ranks, or t ranks of a PP stage) shares its sequences; DP ranks hold their own
+        groups = 1 if lay.seqs_share_ranks == lay.ranks or "PP" in lay.name else lay.ranks
+        lay.max_seqs = lay.seqs_per_rank * groups
+        lay.fits = lay.max_seqs >= concurrency
+        if lay.free_per_rank <= 0:
+            lay.why = "weights alone exceed usable memory"
+        elif not lay.fits:
+            lay.why = f"only {lay.max_seqs} sequence(s) of {context} tokens fit"
+    return Plan(model_name, gpu, n_gpus, context, concurrency, fp8, sum(parts.values()), kv_tok, usable, layouts)
+
+
+def smallest_unit(cfg: K2Config, gpu: str, context: int, concurrency: int = 1, **kw: object) -> Plan | None:
+    """The fewest GPUs (1, 2, 4, 8, then whole 8-GPU nodes) with a layout that fits."""
+    for n in [1, 2, 4] + list(range(8, 257, 8)):
+        plan = make_plan(cfg, gpu, n, context, concurrency, **kw)  # type: ignore[arg-type]
+        if plan.fits:
+            return plan
+    return None
+
+
+def _fmt(b: float) -> str:
+    return f"{b / GB:,.1f} GB"
+
+
+def render(plan: Plan, cfg: K2Config) -> str:
+    lines = [
+        f"{plan.model} on {plan.n_gpus} x {plan.gpu} ({_fmt(GPUS[plan.gpu])} each), context {plan.context:,}, "
+        f"{plan.concurrency} concurrent sequence(s), weights {'block-FP8' if plan.fp8 else 'bf16'}",
+        f"weights total: {_fmt(plan.total_weight_bytes)} ({plan.total_weight_bytes / GiB:,.1f} GiB)",
+        f"MLA latent cache: ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} layers x 2 B = "
+        f"{plan.kv_bytes_token:,} B/token -> {_fmt(plan.kv_bytes_token * plan.context)} per {plan.context:,}-token "
+        f"sequence",
+        f"usable per GPU: {_fmt(GPUS[plan.gpu])} x utilization - reserve = {_fmt(plan.usable_per_gpu)}",
+        "",
+    ]
+    for lay in plan.layouts:
+        per_seq = lay.kv_per_token_per_rank * plan.context
+        lines.append(
+            f"{lay.name:<28} weights/rank {_fmt(lay.weights_per_rank):>10}  free {_fmt(lay.free_per_rank):>10}  "
+            f"KV/seq/rank {_fmt(per_seq):>9}  max seqs {lay.max_seqs:>5}  {'FITS' if lay.fits else 'no: ' + lay.why}"
+        )
+    if not plan.layouts:
+        lines.append(f"no layout: {plan.n_gpus} divides neither the {cfg.num_attention_heads} heads nor the "
+                     f"{cfg.n_routed_experts} experts")
+    return "\n".join(lines)
+
+
+def _parse_gpus(spec: str) -> tuple[int, str]:
+    count, sep, kind = spec.partition("x")
+    if not sep or not count.isdigit():
+        raise ValueError(f"--gpus must look like 16xH200, got {spec!r}")
+    for known in GPUS:
+        if known.lower() == kind.lower():
+            return int(count), known
+    raise ValueError(f"unknown GPU {kind!r}; known: {', '.join(sorted(GPUS))}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="kimi-k2-instruct", help=f"preset ({', '.join(PRESETS)}) or model directory")
+    p.add_argument("--gpus", default="16xH200", help="COUNTxKIND, e.g. 16xH200")
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--bf16", action="store_true", help="plan for bf16 weights instead of block-FP8")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--reserve-gib", type=float, default=2.0, help="per GPU for activations and runtime")
+    p.add_argument("--smallest", action="store_true", help="search the fewest GPUs of that kind that fit")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = K2Config.from_pretrained(args.model)
+    n, gpu = _parse_gpus(args.gpus)
+    kw = dict(fp8=not args.bf16, gpu_memory_utilization=args.gpu_memory_utilization, reserve_gib=args.reserve_gib,
+              model_name=args.model)
+    if args.smallest:
+        plan = smallest_unit(cfg, gpu, args.context, args.concurrency, **kw)
+        if plan is None:
+            print(f"no layout of up to 256 x {gpu} fits")
+            return 1
+        print(f"smallest unit: {plan.n_gpus} x {gpu}\n")
+    else:
+        plan = make_plan(cfg, gpu, n, args.context, args.concurrency, **kw)
+    print(render(plan, cfg))
+    return 0 if plan.fits else 1

@@ -1,0 +1,55 @@
+import pytest
+
+from kimi_k2.cli import main
+from kimi_k2.config import K2Config
+from kimi_k2.deploy.plan import GiB, component_bytes, kv_bytes_per_token, make_plan, smallest_unit
+
+K2 = K2Config.from_preset("kimi-k2-instruct")
+
+
+def test_fp8_weight_bytes_match_the_published_checkpoint_size():
+    # shared/reference/kimi_k2_formats.md §1.5: 61 shards, 958.51 (GiB, as du prints) on disk
+    total = sum(component_bytes(K2, fp8=True).values())
+    assert total / GiB == pytest.approx(958.51, abs=0.5)
+    bf16 = sum(component_bytes(K2, fp8=False).values())
+    assert bf16 / total == pytest.approx(2.0, abs=0.05)
+
+
+def test_latent_cache_is_576_values_per_layer():
+    assert kv_bytes_per_token(K2) == (512 + 64) * 61 * 2 == 70272
+
+
+@pytest.mark.parametrize("gpu", ["H200", "H20"])
+def test_sixteen_gpus_is_the_smallest_fp8_unit_at_128k(gpu):
+    # deploy_guidance.md: "The smallest unit for FP8 weights at 128k on H200/H20 is 16 GPUs, using TP or DP+EP"
+    plan = smallest_unit(K2, gpu, 131072)
+    assert plan is not None and plan.n_gpus == 16
+    names = {lay.name for lay in plan.layouts if lay.fits}
+    assert "TP=16" in names
+    # On H200 both layouts of the guidance fit; on H20 (96 GB) replicated attention + embeddings leave DP+EP
+    # 6.6 GB per rank, less than one 128K sequence's 9.2 GB latent cache: TP is the 16-GPU layout there.
+    assert ("DP=16 attention + EP=16" in names) == (gpu == "H200")
+    assert not make_plan(K2, gpu, 8, 131072).fits
+
+
+def test_data_parallel_attention_holds_more_sequences_than_tp():
+    plan = make_plan(K2, "H200", 16, 131072, concurrency=64)
+    by_name = {lay.name: lay for lay in plan.layouts}
+    assert by_name["DP=16 attention + EP=16"].max_seqs > by_name["TP=16"].max_seqs
+    assert by_name["DP=16 attention + EP=16"].fits and not by_name["TP=16"].fits
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="unknown GPU"):
+        make_plan(K2, "Z80", 16, 4096)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        make_plan(K2, "H200", 16, 10**7)
+    with pytest.raises(ValueError, match="16xH200"):
+        main(["plan", "--gpus", "sixteen"])
+
+
+def test_cli_prints_the_arithmetic(capsys):
+    assert main(["plan", "--model", "kimi-k2-instruct", "--gpus", "16xH200", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "70,272 B/token" in out and "TP=16" in out and "FITS" in out
+    assert main(["plan", "--gpus", "8xH200"]) == 1
