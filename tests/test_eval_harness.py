@@ -66,6 +66,12 @@ def make_app(tasks: dict[str, tuple[int, dict]], log: list[dict]) -> FastAPI:
     return app
 
 
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for var in ("NO_PROXY", "no_proxy"):  # loopback must never go through an HTTP proxy from the environment
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")

@@ -129,3 +129,25 @@ def test_every_active_expert_runs_once() -> None:
     active = moe.last_expert_load > 0
     assert [calls[i] for i in range(12)] == active.long().tolist()
     assert list(itertools.compress(range(12), active.tolist()))  # at least one expert ran
+
+
+def test_gradients_equal_per_token_reference() -> None:
+    moe = _moe(**GROUPED).train()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    moe(x).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+    gx = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+    weights, indices, _ = moe.gate(x.view(-1, 16))
+    ref = torch.stack([
+        sum(w * moe.experts[int(e)](t) for w, e in zip(weights[i], indices[i], strict=True))
+        for i, t in enumerate(x.view(-1, 16))
+    ]).view_as(x) + moe.shared_experts(x)
+    ref.square().sum().backward()
+    assert set(got) == {n for n, p in moe.named_parameters() if p.grad is not None}
+    assert any(n.startswith("experts.") for n in got) and "gate.weight" in got
+    for n, p in moe.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, x.grad, atol=1e-4, rtol=1e-4)

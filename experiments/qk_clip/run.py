@@ -64,7 +64,7 @@ def train(args: argparse.Namespace, cfg: K2Config, tau: float) -> dict[str, list
     attn_inputs: dict[int, tuple] = {}  # each attention's (x, cos, sin) in the step's forward, to re-check after
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: attn_inputs.__setitem__(i, tuple(
-            t.detach() for t in a)))
+            t.detach() for t in a[:3])))
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:

@@ -27,7 +27,6 @@ from kimi_k2.data.tools import TOOLS, UNITS, Split, ToolEnv, tools_of
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 KINDS = ["single", "parallel", "sequential", "multi_turn", "refusal", "identity", "arithmetic", "fact"]
 WEIGHTS = [30, 12, 10, 10, 10, 8, 12, 8]
-TOOL_KINDS = KINDS[:5]
 CHAT_KINDS = KINDS[5:]
 
 

@@ -2,8 +2,8 @@
 
 avg@k (the K2 model cards' metric): the mean over tasks of the fraction of a task's k samples that succeed. pass^k
 (Tau-bench's reliability metric): the fraction of tasks whose k samples all succeed. The other columns average like
-avg@k: per sample over its turns (tool_name, args_correct, answer_ok), its calls (args_valid) or its end state
-(state_ok), then over samples and tasks.
+avg@k: per sample over its turns (tool_name, args_correct, answer_ok), its calls (args_valid; 1 when it made none)
+or its end state (state_ok), then over samples and tasks.
 """
 
 from __future__ import annotations

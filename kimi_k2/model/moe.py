@@ -89,19 +89,18 @@ class MoE(nn.Module):
         # group the (token, slot) pairs by expert; run each active expert once over all its tokens
         order = ids.argsort(stable=True)
         token_of = order // self.top_k
-        w_sorted = weights.flatten()[order]
-        y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        out = flat.new_empty(ids.shape[0], D)  # expert outputs in expert order
         start = 0
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            rows = token_of[start : start + n]
-            out = self.experts[e](flat[rows]) * w_sorted[start : start + n, None]
-            y.index_add_(0, rows, out.float())
-            start += n
+            if n:
+                out[start : start + n] = self.experts[e](flat[token_of[start : start + n]])
+                start += n
+        routed = torch.empty_like(out)
+        routed[order] = out  # back to (token, slot) order: a permutation, so no scatter-add is needed
+        y = torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).view(B, S, D)  # sum_k w_k e_k(x)
         self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
             if self.training and self.aux_loss_alpha > 0 else None
-        return y.to(x.dtype).view(B, S, D) + self.shared_experts(x)
+        return y.to(x.dtype) + self.shared_experts(x)
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
