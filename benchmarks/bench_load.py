@@ -112,15 +112,15 @@ def eager_load(model: nn.Module, directory: Path) -> None:
 def child(kind: str, directory: Path) -> None:
     model = meta_model(shapes(CONFIG))
     base = psutil.Process().memory_info().rss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if kind == "lazy":
         load_into(model, directory, dtype=torch.bfloat16)
     else:
         eager_load(model, directory)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     model_bytes = sum(t.nbytes for t in model.state_dict().values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"seconds": seconds, "peak_extra": peak - base, "model_bytes": model_bytes}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_extra": peak - base, "model_bytes": model_bytes}))
 
 
 def machine() -> str:
@@ -154,11 +154,11 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(args.dir)],
                                  check=True, capture_output=True, text=True).stdout
             runs[kind].append(json.loads(out))
-    print(f"{'loader':8}{'median s':>10}{'peak RSS over imports':>24}{'bf16 model':>12}")
+    print(f"{'loader':8}{'wall s':>8}{'CPU s':>8}{'peak RSS over imports':>24}{'bf16 model':>12}  (medians)")
     for kind, r in runs.items():
-        print(f"{kind:8}{statistics.median(x['seconds'] for x in r):>10.2f}"
-              f"{statistics.median(x['peak_extra'] for x in r) / 2**20:>20.0f} MiB"
-              f"{r[0]['model_bytes'] / 2**20:>8.0f} MiB")
+        med = {key: statistics.median(x[key] for x in r) for key in r[0]}
+        print(f"{kind:8}{med['seconds']:>8.2f}{med['cpu']:>8.2f}"
+              f"{med['peak_extra'] / 2**20:>20.0f} MiB{med['model_bytes'] / 2**20:>8.0f} MiB")
 
 
 if __name__ == "__main__":

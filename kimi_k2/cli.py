@@ -14,11 +14,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kimi_k2.eval.cli", "avg@k and tool-call accuracy of an OpenAI-compatible endpoint on held-out tasks"),
     "data": ("kimi_k2.data.cli", "synthetic chat/tool-use data, pretraining corpus, held-out benchmarks"),
+    "chat": ("kimi_k2.server.chat", "interactive terminal chat with a server URL or a model directory"),
+    "serve": ("kimi_k2.server.serve", "OpenAI- and Anthropic-compatible HTTP server for a model directory"),
     "info": ("kimi_k2.model.info", "parameter counts, KV-cache and weight bytes of a model or preset"),
     "plan": ("kimi_k2.deploy.plan", "GPU layouts (TP / PP / DP+EP) and concurrency that fit a model, from its config"),
     "convert": ("kimi_k2.checkpoint.convert", "convert a checkpoint between block-FP8 and bf16"),
     "tokenizer": ("kimi_k2.tokenizer.cli", "train a Kimi-format BPE tokenizer; encode/decode text with one"),
     "train": ("kimi_k2.train.cli", "pretrain or fine-tune from a recipe TOML (resumes; torchrun for data parallel)"),
+    "generate-ep": ("kimi_k2.deploy.run_ep", "greedy generation with experts sharded over torchrun ranks (gloo/NCCL)"),
     "plot": ("kimi_k2.train.plot", "PNG curves (loss, lr, grad norm, max logits, expert load) of training runs"),
 }
 

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import kimi_k2.checkpoint.reader as reader_mod
+import kimi_k2.checkpoint.writer as writer_mod
 from kimi_k2.checkpoint import CheckpointReader, dequantize_block_fp8, save_state_dict
 from kimi_k2.checkpoint.convert import parse_size
 from kimi_k2.cli import main
@@ -54,9 +55,16 @@ def test_fp8_to_bf16_to_fp8(fp8_src: Path, tmp_path: Path, monkeypatch: pytest.M
     real_open = reader_mod.safe_open
     monkeypatch.setattr(reader_mod, "safe_open", lambda p, framework: opened.append(Path(p).name) or real_open(
         p, framework=framework))
+    shard_bytes = []
+    real_save = writer_mod.save_file
+    monkeypatch.setattr(writer_mod, "save_file", lambda tensors, path, metadata: shard_bytes.append(
+        (len(tensors), sum(t.nbytes for t in tensors.values()))) or real_save(tensors, path, metadata=metadata))
     bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
     assert main(["convert", str(fp8_src), str(bf16), "--to", "bf16", "--max-shard-size", "30KB", "--no-progress"]) == 0
-    assert opened == CheckpointReader(fp8_src).shards  # streamed: each source shard opened once, in order
+    # streamed: each source shard opened once, in order; the output buffered one <= 30 KB shard at a time (a
+    # bigger tensor gets a shard of its own)
+    assert opened == CheckpointReader(fp8_src).shards
+    assert len(shard_bytes) > 1 and all(size <= 30_000 or n == 1 for n, size in shard_bytes)
 
     src = raw_tensors(fp8_src)
     out = raw_tensors(bf16)

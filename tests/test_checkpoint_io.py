@@ -266,6 +266,10 @@ def test_error_fp8_without_scale_and_bad_scale_shape(tmp_path: Path) -> None:
               index=False)
     with pytest.raises(CheckpointError, match=rf"{name}_scale_inv has shape \(2, 3\), expected \(3, 2\)"):
         load_into(meta_toy(), tmp_path / "b")
+    s[1, 0] = float("nan")
+    write_raw(tmp_path / "c", {"model.safetensors": sd | {name: q, name + "_scale_inv": s}}, index=False)
+    with pytest.raises(CheckpointError, match=f"{name}_scale_inv has inf/nan"):
+        load_into(meta_toy(), tmp_path / "c")
 
 
 def test_error_shape_mismatch(saved: Path) -> None:
@@ -401,3 +405,19 @@ def test_reader_api(saved: Path) -> None:
         reader.get("nope.weight")
     with pytest.raises(ValueError, match=r"cannot load weights as torch.int8"):
         load_into(meta_toy(), saved, dtype=torch.int8)
+
+
+def test_load_into_materialized_model_in_place(saved: Path) -> None:
+    """Right dtype and device already: filled in place, so references (optimizer state, hooks) stay valid."""
+    model = toy().to(torch.bfloat16)
+    model.model.layers[1].mlp.gate.e_score_correction_bias = torch.zeros(4)  # stored fp32
+    before = dict(model.named_parameters())
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    load_into(model, saved)  # dtype=None: bf16 as stored, fp8 -> bf16
+    after = dict(model.named_parameters())
+    assert all(after[k] is before[k] for k in before)
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias is bias
+    assert torch.equal(after["model.norm.weight"], random_state(torch.bfloat16)["model.norm.weight"])
+    load_into(model, saved, dtype=torch.float32)  # another dtype: new tensors
+    assert model.model.norm.weight is not before["model.norm.weight"]
+    assert model.model.norm.weight.dtype == torch.float32 and model.model.norm.weight.requires_grad

@@ -119,3 +119,8 @@ def test_save_pretrained_then_from_pretrained(tmp_path, fp8: bool) -> None:
     ids = torch.randint(0, config.vocab_size, (2, 10))
     with torch.no_grad():
         assert torch.equal(model(ids), loaded(ids))
+
+
+def test_tied_embeddings_are_rejected() -> None:
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        K2ForCausalLM(K2Config.from_preset("k2-tiny").replace(tie_word_embeddings=True))

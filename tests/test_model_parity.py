@@ -34,6 +34,7 @@ CASES = {
         80,
     ),
     "no-yarn-unnormalized": ({"rope_scaling": None, "norm_topk_prob": False, "routed_scaling_factor": 1.5}, 40),
+    "bias-all-moe-2-shared": ({"attention_bias": True, "first_k_dense_replace": 0, "n_shared_experts": 2}, 40),
 }
 
 
@@ -51,6 +52,8 @@ def _hf_pair(overrides: dict, tmp_path) -> tuple[torch.nn.Module, K2ForCausalLM]
                 t.uniform_(0.5, 1.5)
             elif t.is_floating_point() and t.ndim == 2:
                 t.normal_(0.0, 1.5 / t.shape[1] ** 0.5)
+            elif name.endswith(".bias"):
+                t.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path)
     ours = K2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     return hf, ours
@@ -84,3 +87,12 @@ def test_positions_argument_matches_transformers_position_ids(tmp_path) -> None:
 def test_parameter_names_equal_transformers(tmp_path) -> None:
     hf, ours = _hf_pair({"q_lora_rank": None}, tmp_path)
     assert set(ours.state_dict()) == set(hf.state_dict()) - {n for n in hf.state_dict() if "rotary_emb" in n}
+
+
+@pytest.mark.slow
+def test_k2_small_logits_match_transformers_past_original_context(tmp_path) -> None:
+    """The benchmark shape (k2-small) at 1100 tokens, past its original_max_position_embeddings of 1024."""
+    hf, ours = _hf_pair(K2Config.from_preset("k2-small").to_dict(), tmp_path)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 1100), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits.float(), atol=1e-4, rtol=0)

@@ -178,6 +178,9 @@ def test_bad_groups_are_named():
         MuonClip([nn.Parameter(torch.ones(8, 4))], block_rows=5)
     with pytest.raises(ValueError, match="momentum"):
         MuonClip([nn.Parameter(torch.ones(8, 4))], momentum=1.0)
+    opt = MuonClip([nn.Parameter(torch.ones(8, 4))])
+    with pytest.raises(ValueError, match="param group 1: Muon param up.bias"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(4))], "names": ["up.bias"]})
     with pytest.raises(ValueError, match="per_head"):
         param_groups(_Tiny(), lr=1e-3, per_head=True)
 

@@ -295,3 +295,25 @@ def test_k2_param_groups_and_training_step():
     assert losses[-1] < losses[0]
     assert opt.qk_clip_stats.max_logits.shape == (cfg.num_hidden_layers, cfg.num_attention_heads)
     assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+
+
+def _dp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _model(seed=0)  # same replica on every rank
+        clip = QKClip(model, tau=2.0)
+        for i, layer in enumerate(model.model.layers):  # each rank saw a different micro-batch
+            layer.self_attn.max_logits = torch.tensor([1.0, 4.0, 1.0, 3.0]) if rank == 0 else torch.full((4,), i + 1.5)
+        stats = clip.apply()
+        torch.save({"gamma": stats.gamma, "weights": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_ranks_clip_with_the_global_max(tmp_path):
+    torch.multiprocessing.spawn(_dp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    want = torch.maximum(torch.tensor([[1.0, 4.0, 1.0, 3.0]] * 3), torch.tensor([1.5, 2.5, 3.5])[:, None])
+    torch.testing.assert_close(r0["gamma"], torch.where(want > 2.0, 2.0 / want, torch.ones_like(want)))
+    assert torch.equal(r0["gamma"], r1["gamma"])
+    assert all(torch.equal(v, r1["weights"][k]) for k, v in r0["weights"].items())

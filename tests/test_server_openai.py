@@ -3,6 +3,7 @@ model: the model card's client loops unchanged, tool calls made real by constrai
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -161,19 +162,24 @@ def test_usage_counts_prompt_and_completion_tokens(server, client):
     assert r.usage.total_tokens == len(prompt) + 7
 
 
-def test_seed_n_and_logprobs(client):
-    kw = dict(model=MODEL, messages=ASK, temperature=1.0, max_tokens=8, n=3, seed=42, logprobs=True, top_logprobs=3)
+def test_seed_and_logprobs(client):
+    kw = dict(model=MODEL, messages=ASK, temperature=1.0, max_tokens=8, seed=42, logprobs=True, top_logprobs=3)
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
-    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    assert [c.index for c in a.choices] == [0, 1, 2]
-    assert a.usage.completion_tokens == 3 * 8
-    for c in a.choices:
-        lps = c.logprobs.content
-        assert len(lps) == 8
-        for lp in lps:
-            assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
-            tops = [t.logprob for t in lp.top_logprobs]
-            assert tops == sorted(tops, reverse=True)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    lps = a.choices[0].logprobs.content
+    assert len(lps) == 8 and a.usage.completion_tokens == 8
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        tops = [t.logprob for t in lp.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+
+
+def test_n_samples(client):
+    r = client.with_options(timeout=60).chat.completions.create(model=MODEL, messages=ASK, temperature=1.0,
+                                                                 max_tokens=8, n=3, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == 3 * 8
+    assert len({c.message.content for c in r.choices}) > 1
 
 
 def test_stop_string_cuts_the_text(client):
@@ -227,3 +233,21 @@ def test_client_disconnect_aborts_and_frees_cache(server):
     s = state.engine.stats()
     assert (s["running"], s["waiting"], s["pages_used"]) == (0, 0, 0)
     assert state.metrics.aborted == aborted + 1
+
+
+def test_chat_cli_against_server(server, monkeypatch, capsys):
+    from kimi_k2.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nagain\n"))
+    monkeypatch.setenv("KIMI_K2_API_KEY", API_KEY)
+    assert main(["chat", "--url", server[0], "--max-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"chatting with {ALIASES[0]}" in out and out.count("> ") == 3
+
+
+def test_serve_cli_without_model_says_how_to_get_one(tmp_path, capsys):
+    from kimi_k2.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "kimi-k2 train" in err

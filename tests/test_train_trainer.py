@@ -181,3 +181,12 @@ def test_sft_trains_only_on_assistant_tokens(tmp_path, k2_tokenizer_dir):
     first, second = t.train_step(0, track_logits=True), t.train_step(1, track_logits=True)
     assert first.tokens == int((t.train_rows.inputs_and_labels(t.order.rows(0, 0, 0))[1] != -100).sum())
     assert np.isfinite(first.loss) and np.isfinite(second.loss)
+
+
+def test_bfloat16_autocast_step_tracks_fp32(tmp_path, tokens):
+    f32 = Trainer(recipe(tokens, tmp_path / "f", "optim.name='adamw'"))
+    bf16 = Trainer(recipe(tokens, tmp_path / "b", "optim.name='adamw'", "train.dtype='bfloat16'"))
+    bf16.model.load_state_dict(f32.model.state_dict())
+    a, b = f32.train_step(0, track_logits=True), bf16.train_step(0, track_logits=True)
+    assert next(bf16.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert b.loss != a.loss and b.loss == pytest.approx(a.loss, rel=2e-2)

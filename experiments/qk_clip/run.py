@@ -1,8 +1,9 @@
 """Experiment 2: do max attention logits grow past tau under high-LR Muon on a small K2, and does QK-Clip hold them?
 
-Two runs from the same init on the same batches, differing only in QK-Clip: Muon (RMS-matched, MuonClip without the
-clip; the max logits are still recorded) and MuonClip with threshold tau. Task: copy a random token string
-[BOS x_1..x_n SEP x_1..x_n], loss on the copy; copying needs sharp (large-logit) attention, which is what grows.
+Runs from the same init on the same batches: Muon (RMS-matched; MuonClip with tau = inf, so the max logits are
+recorded but nothing is clipped), MuonClip with threshold tau, and AdamW for reference (at a lower lr: at Muon's it
+does not learn). Task: copy a random token string [BOS x_1..x_n SEP x_1..x_n], loss on the copy; copying
+needs sharp (large-logit) attention, which is what grows.
 
     .venv/bin/python experiments/qk_clip/run.py            # writes results.json and PNGs next to this file
 """
@@ -52,10 +53,14 @@ def max_logit_on(model: K2ForCausalLM, attn_inputs: dict[int, tuple]) -> float:
     return max(out)
 
 
-def train(args: argparse.Namespace, cfg: K2Config, tau: float) -> dict[str, list[float]]:
+def train(args: argparse.Namespace, cfg: K2Config, tau: float, muon: bool = True) -> dict[str, list[float]]:
     torch.manual_seed(args.seed)
     model = K2ForCausalLM.from_config(cfg, dtype=torch.float32)
-    opt = MuonClip(param_groups(model, lr=args.lr, weight_decay=args.wd))
+    base_lr = args.lr if muon else args.adamw_lr
+    groups = param_groups(model, lr=base_lr, weight_decay=args.wd)
+    for g in groups:
+        g["use_muon"] = g["use_muon"] and muon
+    opt = MuonClip(groups)
     opt.attach_qk_clip(model, tau)  # tau = inf: the max logits are recorded, nothing is clipped
     data, val_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(10_000 + args.seed)
     val = copy_batch(val_gen, 256, args.n, cfg.vocab_size)
@@ -66,7 +71,7 @@ def train(args: argparse.Namespace, cfg: K2Config, tau: float) -> dict[str, list
         layer.self_attn.register_forward_pre_hook(lambda m, a, i=i: attn_inputs.__setitem__(i, tuple(
             t.detach() for t in a[:3])))
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = base_lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad()
@@ -90,14 +95,16 @@ def train(args: argparse.Namespace, cfg: K2Config, tau: float) -> dict[str, list
 
 
 def plot(runs: dict[str, dict[str, list[float]]], tau: float, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, log in runs.items():
-        axes[0].plot(log["max_logit"], label=f"{name}: max logit in the step's forward")
-        axes[1].plot(log["loss"], alpha=0.4, label=f"{name}: train")
-        axes[1].plot(log["val_step"], log["val_loss"], marker="o", ms=3, label=f"{name}: val")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for (name, log), color in zip(runs.items(), ("C0", "C1", "C2"), strict=False):
+        axes[0].plot(log["max_logit"], color=color, label=f"{name}: max logit in the step's forward")
+        axes[1].plot(log["loss"], color=color, alpha=0.35, label=f"{name}: train")
+        axes[1].plot(log["val_step"], log["val_loss"], color=color, marker="o", ms=3, label=f"{name}: val")
+        axes[2].plot(log["heads_clipped"], color=color, label=name)
     axes[0].axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
     axes[0].set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", yscale="log")
-    axes[1].set(xlabel="step", ylabel="copy loss (nats/token)")
+    axes[1].set(xlabel="step", ylabel="copy loss (nats/token)", yscale="log")
+    axes[2].set(xlabel="step", ylabel="heads clipped in the step (of all layers)")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -110,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=2e-2)
+    ap.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW diverges to no learning at --lr here")
     ap.add_argument("--wd", type=float, default=0.0)
     ap.add_argument("--tau", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=20)
@@ -124,7 +132,8 @@ def main() -> None:
     cfg = K2Config.from_preset("k2-tiny").replace(num_hidden_layers=2, max_position_embeddings=256,
                                                     rope_scaling=None)
     t0 = time.time()
-    runs = {"Muon (no clip)": train(args, cfg, math.inf), f"MuonClip (tau={args.tau:g})": train(args, cfg, args.tau)}
+    runs = {"Muon (no clip)": train(args, cfg, math.inf), f"MuonClip (tau={args.tau:g})": train(args, cfg, args.tau),
+            f"AdamW lr={args.adamw_lr:g} (no clip)": train(args, cfg, math.inf, muon=False)}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.tau, args.out / "max_logits_and_loss.png")
     summary = {name: {"final_val_loss": log["val_loss"][-1], "peak_max_logit": max(log["max_logit"]),

@@ -48,7 +48,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {
             k: (_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"
         }
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"unreadable safetensors file {path}: {e!r}") from e
 
 
@@ -174,6 +174,8 @@ class CheckpointReader:
         else:  # the scale lives in another shard: read just that tensor
             with safe_open(self.directory / self.weight_map[scale_name], framework="pt") as g:
                 scale = g.get_tensor(scale_name)
+        if not torch.isfinite(scale).all():
+            raise CheckpointError(f"{scale_name} has inf/nan entries")
         return dequantize_block_fp8(t, scale, self.block, out=out)
 
     # ---- checks -----------------------------------------------------------------------------------
@@ -223,6 +225,10 @@ def _block_size(config_file: Path) -> tuple[int, int]:
     return block[0], block[1]
 
 
+def _some(names: list[str], n: int = 20) -> str:
+    return str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     n = dtype.itemsize
     for d in shape:
@@ -254,9 +260,11 @@ def load_into(
     missing = [n for n, t in targets.items() if id(t) not in source]
     unexpected = [n for n in reader if n not in targets]
     if missing:
-        raise CheckpointError(f"checkpoint {reader.directory} lacks {len(missing)} tensors of the model: {missing}")
+        raise CheckpointError(
+            f"checkpoint {reader.directory} lacks {len(missing)} tensors of the model: {_some(missing)}"
+        )
     if unexpected:
-        msg = f"checkpoint {reader.directory} has {len(unexpected)} tensors the model does not: {unexpected}"
+        msg = f"checkpoint {reader.directory} has {len(unexpected)} tensors the model does not: {_some(unexpected)}"
         if strict:
             raise CheckpointError(msg)
         warnings.warn(msg, stacklevel=2)
@@ -265,16 +273,19 @@ def load_into(
             raise CheckpointError(
                 f"shape mismatch for {name}: checkpoint {reader.shape(name)}, model {tuple(t.shape)}"
             )
-    outs = {
-        name: torch.empty(reader.shape(name), dtype=loaded_dtype(name, reader.stored_dtype(name), dtype), device=device)
-        for name in source.values()
-    }
-    reader.read_into(outs)
-    new: dict[int, torch.Tensor] = {}
-    for t in targets.values():
-        if id(t) not in new:
-            out = outs[source[id(t)]]
+    # a tensor already materialized with the right dtype and device is filled in place (the Parameter objects that
+    # optimizers and hooks hold stay valid); anything else (meta, other dtype/device) gets a new tensor
+    dev = torch.empty(0, device=device).device  # "cuda" -> cuda:0, as tensors report it
+    outs, new = {}, {}
+    for name in source.values():
+        t = targets[name]
+        want = loaded_dtype(name, reader.stored_dtype(name), dtype)
+        if not t.is_meta and t.dtype == want and t.device == dev:
+            outs[name] = t.detach()
+        else:
+            out = outs[name] = torch.empty(reader.shape(name), dtype=want, device=dev)
             new[id(t)] = nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+    reader.read_into(outs)
     for module in model.modules():
         for slots in (module._parameters, module._buffers):
             for attr, old in list(slots.items()):

@@ -21,7 +21,8 @@ class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
         self.loop = loop
         self.queue: asyncio.Queue[CompletionDelta | BaseException] = asyncio.Queue()
-        self.unfinished = n
+        self.unfinished = n  # samples the consumer has not seen finish
+        self.open = n  # samples the step thread has not finished
 
     def put(self, item: CompletionDelta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -139,5 +140,6 @@ class AsyncLLMEngine:
                     stream = self.streams.get(d.request_id)
                     if stream is not None:
                         stream.put(d)
-                        if d.finished and d.request_id not in self.engine.requests:
+                        stream.open -= d.finished
+                        if not stream.open:
                             del self.streams[d.request_id]

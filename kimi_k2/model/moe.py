@@ -11,6 +11,8 @@ Output: sum_k w_k * expert_k(x) + shared_experts(x).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,9 +33,11 @@ class Gate(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, std=config.initializer_range)
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Gate:
         """Keep the correction bias fp32 through `.to(dtype)`, as the checkpoint stores it."""
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)

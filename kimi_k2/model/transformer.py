@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import load_into, save_state_dict
 from ..config import K2Config
 from .attention import MLA
 from .cache import LatentCache
@@ -69,11 +70,11 @@ class K2Model(nn.Module):
 class K2ForCausalLM(nn.Module):
     def __init__(self, config: K2Config) -> None:
         super().__init__()
+        if config.tie_word_embeddings:  # K2 and DeepSeek-V3 keep a separate lm_head.weight
+            raise ValueError("tie_word_embeddings=True is not supported: K2 checkpoints have their own lm_head.weight")
         self.config = config
         self.model = K2Model(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None
@@ -101,7 +102,10 @@ class K2ForCausalLM(nn.Module):
         cls, config: K2Config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> K2ForCausalLM:
         """A randomly initialized model; dtype defaults to config.torch_dtype."""
-        dtype = dtype or getattr(torch, config.torch_dtype)
+        if dtype is None:
+            dtype = getattr(torch, config.torch_dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"config torch_dtype {config.torch_dtype!r} is not a torch dtype")
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
@@ -110,11 +114,13 @@ class K2ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike[str], dtype: torch.dtype | None = torch.bfloat16,
+        device: str | torch.device = "cpu",
     ) -> K2ForCausalLM:
-        """Build on the meta device, then materialize every tensor from the safetensors files (fp8 dequantized)."""
-        from ..checkpoint import load_into
+        """Build on the meta device, then materialize every tensor from the safetensors files (fp8 dequantized).
 
+        dtype=None keeps each tensor's stored dtype (fp8 -> bf16); the router bias always stays fp32.
+        """
         config = K2Config.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
@@ -122,7 +128,5 @@ class K2ForCausalLM(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike[str], fp8: bool = False, max_shard_size: int = 5 * 2**30) -> Path:
-        from ..checkpoint import save_state_dict
-
         save_state_dict(self.state_dict(), path, self.config, fp8=fp8, max_shard_size=max_shard_size)
         return Path(path)

@@ -6,6 +6,8 @@ OpenAI: `{"error": {"message", "type", "param", "code"}}`; Anthropic: `{"type": 
 
 from __future__ import annotations
 
+import re
+
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable_error"}
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -36,7 +38,8 @@ def pydantic_message(errors: list[dict]) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # field names are snake_case; other parts name union members (e.g. "literal['none','auto']", "NamedToolChoice")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and re.fullmatch(r"[a-z_][a-z0-9_]*|\d+", str(p))]
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     if err.get("type") == "json_invalid":

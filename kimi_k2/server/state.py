@@ -60,8 +60,11 @@ class ServerState:
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         """Prompt ids; text inside messages never turns into special tokens (only the template's markers do)."""
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                                  special_in_content=False)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=True, special_in_content=False)
+        except Exception as e:  # the template rejects this conversation (jinja raise_exception, bad fields, ...)
+            raise APIError(400, f"cannot render this conversation with the chat template: {e}", "messages") from None
 
     def max_tokens(self, prompt_len: int, requested: int | None, param: str = "max_tokens") -> int:
         room = self.max_model_len - prompt_len

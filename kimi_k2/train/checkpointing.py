@@ -1,6 +1,7 @@
 """Training checkpoints: atomic, the last N kept, everything needed to resume bit for bit.
 
-Layout: OUT/checkpoints/step_{step:08d}/{model.pt, optimizer.pt, state.pt}. A checkpoint is written into a hidden
+Layout: OUT/checkpoints/step_{step:08d}/{model.pt, optimizer.pt, state.pt} (expert parallel: one model.rank{r}.pt and
+optimizer.rank{r}.pt per rank). A checkpoint is written into a hidden
 temp folder beside it, every file and the folder are fsynced, then the folder is renamed into place (rename is
 atomic on POSIX), so a process killed mid-save never leaves a folder named step_* that is incomplete.
 """
@@ -59,32 +60,29 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write checkpoint `step` (the number of optimizer steps done) atomically; prune all but the last keep_last."""
+def begin_checkpoint(root: str | Path, step: int) -> Path:
+    """Create (afresh) the hidden temp folder checkpoint `step` is written into."""
     ckpts = Path(root) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"step_{step:08d}"
-    tmp = ckpts / f".tmp_step_{step:08d}_{os.getpid()}"
+    tmp = ckpts / f".tmp_step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {
-        "model.pt": model.state_dict(),
-        "optimizer.pt": optimizer.state_dict(),
-        "state.pt": {**state, "step": step, "rng": rng_state()},
-    }
+    return tmp
+
+
+def write_files(folder: Path, files: dict[str, Any]) -> None:
     for name, obj in files.items():
-        with open(tmp / name, "wb") as f:
+        with open(folder / name, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def commit_checkpoint(root: str | Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """fsync the temp folder, rename it to step_{step}, prune all but the last keep_last checkpoints."""
+    ckpts = Path(root) / "checkpoints"
+    final = ckpts / f"step_{step:08d}"
     _fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -95,17 +93,46 @@ def save_checkpoint(
     return final
 
 
+def shard_names(rank: int | None) -> tuple[str, str]:
+    """File names of the model and optimizer state: one pair, or one per rank when experts are sharded."""
+    return ("model.pt", "optimizer.pt") if rank is None else (f"model.rank{rank}.pt", f"optimizer.rank{rank}.pt")
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` (the number of optimizer steps done) atomically; prune all but the last keep_last."""
+    tmp = begin_checkpoint(root, step)
+    write_files(tmp, {
+        "model.pt": model.state_dict(),
+        "optimizer.pt": optimizer.state_dict(),
+        "state.pt": {**state, "step": step, "rng": rng_state()},
+    })
+    return commit_checkpoint(root, step, tmp, keep_last)
+
+
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, rank: int | None = None
 ) -> dict[str, Any]:
-    """Restore model (and optimizer) in place and the RNG streams; return the saved trainer state (with 'step')."""
+    """Restore model (and optimizer) in place and the RNG streams; return the saved trainer state (with 'step').
+
+    `rank`: read that rank's shard of an expert-parallel checkpoint (written with the same world size).
+    """
     path = Path(path)
-    for name in ("model.pt", "optimizer.pt", "state.pt"):
+    model_file, optim_file = shard_names(rank)
+    for name in (model_file, optim_file, "state.pt"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no {name}")
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+            hint = " (expert-parallel checkpoints need the same world size and expert_parallel setting)" \
+                if "rank" in name or any(path.glob("*.rank*.pt")) else ""
+            raise FileNotFoundError(f"checkpoint {path} has no {name}{hint}")
+    model.load_state_dict(torch.load(path / model_file, map_location="cpu", weights_only=True))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(torch.load(path / optim_file, map_location="cpu", weights_only=True))
     # python's random state is a tuple of ints and numpy's holds an ndarray: not weights_only material
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])

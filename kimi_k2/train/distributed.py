@@ -1,7 +1,9 @@
 """Data parallelism over `torch.distributed` as launched by `torchrun` (gloo on CPU, NCCL on GPU).
 
-Every rank holds the full model and optimizer; gradients are averaged by DDP, so Muon's Newton-Schulz runs on the
-full (all-reduced) matrices, the quantity Distributed Muon (Moonlight §2.3) reconstructs with its DP gather.
+Every rank holds the full model and optimizer (or, with expert parallelism, its slice of the routed experts: see
+expert_parallel.py); gradients are averaged by DDP, so Muon's Newton-Schulz runs on full (all-reduced) matrices, the
+quantity Distributed Muon (Moonlight §2.3) reconstructs with its DP gather; an expert's matrices live whole on its
+owner rank.
 Single node:  torchrun --nproc-per-node N -m kimi_k2.cli train --config recipe.toml
 Multi node:   torchrun --nnodes M --node-rank R --nproc-per-node N --rdzv-backend c10d \
                   --rdzv-endpoint HOST0:29500 -m kimi_k2.cli train --config recipe.toml
@@ -46,14 +48,18 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def wrap_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP over all ranks. Routed experts a rank's tokens never reach have no gradient there: find_unused_parameters.
+def wrap_data_parallel(model: torch.nn.Module, info: DistInfo, ignore: list[str] | None = None) -> torch.nn.Module:
+    """DDP over all ranks, except the parameters named in `ignore` (rank-local experts under expert parallelism).
+
+    Routed experts a rank's tokens never reach have no gradient there: find_unused_parameters.
 
     Buffers are synced once at construction, not every forward: the only mutable buffer, e_score_correction_bias,
     is updated identically on every rank from the all-reduced expert load.
     """
     if not info.enabled:
         return model
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(model, find_unused_parameters=True, forward_sync_buffers=False)
 
 

@@ -4,7 +4,7 @@ optimizer, then QK-Clip on the attention weights using the max logits recorded i
 Muon group (`use_muon=True`), per matrix W [A, B] with gradient G:
     M_t = mu * M_{t-1} + (1 - mu) * G_t                  (EMA momentum, as torch.optim.Muon / KellerJordan/Muon)
     U_t = (1 - mu) * G_t + mu * M_t  if nesterov else M_t
-    O_t = NS5(U_t)                                       (quintic Newton-Schulz, singular values -> ~[0.7, 1.2])
+    O_t = NS5(U_t)                                       (quintic Newton-Schulz: sigma/|U|_F >= 0.02 -> [0.68, 1.13])
     W_t = W_{t-1} * (1 - lr * wd) - lr * 0.2 * sqrt(max(A, B)) * O_t     (Moonlight eq. 4: AdamW-matched RMS 0.2)
 K2's Algorithm 1 writes the plain sum M_t = mu M_{t-1} + G_t; it is (1 - mu)^-1 times the EMA, and NS normalises its
 input by the Frobenius norm, so both give the same update.
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from kimi_k2.train.qk_clip import QKClip, QKClipStats
@@ -88,14 +89,16 @@ class MuonClip(torch.optim.Optimizer):
             use_muon=use_muon, block_rows=block_rows,
         )
         super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            _check_group(i, group)
         self.qk_clip: QKClip | None = None
         self.qk_clip_stats: QKClipStats | None = None
 
-    def attach_qk_clip(self, model: nn.Module, tau: float = 100.0) -> QKClip:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(len(self.param_groups) - 1, self.param_groups[-1])
+
+    def attach_qk_clip(self, model: nn.Module, tau: float = 100.0, group: dist.ProcessGroup | None = None) -> QKClip:
         """Turn on max-logit tracking in `model`'s attention and clip after every `step()` (stats: `qk_clip_stats`)."""
-        self.qk_clip = QKClip(model, tau)
+        self.qk_clip = QKClip(model, tau, group)
         self.qk_clip.enable()
         return self.qk_clip
 

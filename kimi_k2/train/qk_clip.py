@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -45,15 +46,17 @@ class QKClip:
 
     Call `enable()` once; then after each optimizer step `apply()`. With gradient accumulation call `record()` after
     every micro-batch forward: it keeps the running per-head max (the attention keeps only its last forward's).
+    Under torch.distributed, `apply()` takes the max over the ranks of `group` (default: all) first.
     """
 
-    def __init__(self, model: nn.Module, tau: float = 100.0) -> None:
+    def __init__(self, model: nn.Module, tau: float = 100.0, group: dist.ProcessGroup | None = None) -> None:
         if not tau > 0:
             raise ValueError(f"QK-Clip tau must be > 0, got {tau}")
         config = getattr(model, "config", None)
         if config is None:
             raise ValueError(f"QK-Clip needs model.config (head sizes); {type(model).__name__} has none")
         self.tau = float(tau)
+        self.group = group  # data-parallel ranks: their maxima are combined so every replica clips alike
         self.n_heads = config.num_attention_heads
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "track_max_logits")]
@@ -97,6 +100,8 @@ class QKClip:
         if not torch.isfinite(S).all():
             bad = [name for (name, _), row in zip(self.layers, S, strict=True) if not torch.isfinite(row).all()]
             raise FloatingPointError(f"QK-Clip: non-finite max attention logits in {bad}")
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(S, op=dist.ReduceOp.MAX, group=self.group)  # S_max over the whole global batch
         gamma = torch.where(S > self.tau, self.tau / S, torch.ones_like(S))  # [L, H]
         for (name, attn), g in zip(self.layers, gamma, strict=True):
             if (g < 1).any():

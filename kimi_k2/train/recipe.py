@@ -80,6 +80,7 @@ class TrainSection:
     ckpt_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
     moe_bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
+    expert_parallel: bool = False  # under torchrun: shard the routed experts over the ranks (all-to-all dispatch)
     export: bool = True  # write the final model in HF layout to out_dir/final
     export_fp8: bool = False
     tensorboard: bool = False

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kimi_k2.checkpoint import save_state_dict
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.train import checkpointing
 from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_paths, load_pretrain, load_sft
 from kimi_k2.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, shutdown, wrap_data_parallel
+from kimi_k2.train.expert_parallel import gather_full_state_dict, shard_experts
 from kimi_k2.train.optim import build_optimizer
 from kimi_k2.train.recipe import Recipe
 from kimi_k2.train.schedules import Schedule, set_lr
@@ -86,7 +88,11 @@ class Trainer:
         else:
             self.model = K2ForCausalLM.from_config(self.config, dtype=torch.float32)
         self.model.to(self.device).train()
-        self.ddp_model = wrap_data_parallel(self.model, self.dist)
+        self.local_experts: list[str] = []  # expert-parallel: this rank's expert parameter names
+        if t.expert_parallel and self.dist.enabled:
+            self.local_experts = shard_experts(self.model, self.dist.rank, self.dist.world_size)
+        self.ep = bool(self.local_experts)
+        self.ddp_model = wrap_data_parallel(self.model, self.dist, ignore=self.local_experts)
         self.optimizer, self.qk_clip = build_optimizer(self.model, recipe.optim)
         self.schedule = Schedule(**vars(recipe.schedule))
         self.order = BatchOrder(len(self.train_rows), t.micro_batch, t.grad_accum, self.dist.world_size, t.seed)
@@ -132,8 +138,7 @@ class Trainer:
                     max_logits[i] = torch.maximum(max_logits[i], a.max_logits.float().cpu())
         ce_total, aux_total = all_reduce_(ce_total, self.dist), all_reduce_(aux_total, self.dist) / world
         load = all_reduce_(load, self.dist)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf)
+        grad_norm = self.clip_gradients(t.grad_clip or math.inf)
         self.optimizer.step()
         clip_stats: dict[str, Any] = {}
         if track_logits:
@@ -153,6 +158,31 @@ class Trainer:
         )
 
     @torch.no_grad()
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients to a global L2 norm <= max_norm; return the norm before clipping."""
+        if not self.ep:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        local = set(self.local_experts)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        experts = [p for n, p in named if n in local]
+        for p in experts:  # summed over every rank's loss by the all-to-all backward; DDP averages the rest
+            p.grad.div_(self.dist.world_size)
+        sq = torch.zeros((), dtype=torch.float64)
+        sq_experts = torch.zeros((), dtype=torch.float64)
+        for n, p in named:
+            if n in local:
+                sq_experts += p.grad.double().square().sum().cpu()
+            else:
+                sq += p.grad.double().square().sum().cpu()
+        norm = (sq + all_reduce_(sq_experts, self.dist)).sqrt().float()
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            for _, p in named:
+                p.grad.mul_(coef.to(p.grad))
+        return norm
+
+    @torch.no_grad()
     def update_router_bias(self, load: torch.Tensor) -> None:
         gamma = self.recipe.train.moe_bias_update_speed
         if gamma == 0:
@@ -163,7 +193,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token CE on the first eval_batches micro-batches of the validation rows (shared over ranks)."""
+        """Mean token CE on the first eval_batches micro-batches of the validation rows.
+
+        Data parallel: the batches are shared out over the ranks. Expert parallel: every rank runs every batch, as the
+        all-to-all needs every rank in every forward.
+        """
         if self.val_rows is None:
             return None
         t = self.recipe.train
@@ -173,7 +207,7 @@ class Trainer:
             a.track_max_logits = False
         starts = range(0, len(self.val_rows), t.micro_batch)
         for i, s in enumerate(list(starts)[: t.eval_batches]):
-            if i % self.dist.world_size != self.dist.rank:
+            if not self.ep and i % self.dist.world_size != self.dist.rank:
                 continue
             x, y = self.val_rows.inputs_and_labels(torch.arange(s, min(s + t.micro_batch, len(self.val_rows))))
             with self.autocast:
@@ -182,7 +216,8 @@ class Trainer:
                                   ignore_index=IGNORE_INDEX, reduction="sum").cpu()
             n += (y != IGNORE_INDEX).sum()
         self.model.train()
-        ce, n = all_reduce_(ce, self.dist), all_reduce_(n, self.dist)
+        if not self.ep:
+            ce, n = all_reduce_(ce, self.dist), all_reduce_(n, self.dist)
         return (ce / n.clamp(min=1)).item()
 
     # ---- run ---------------------------------------------------------------------------------------------
@@ -190,7 +225,7 @@ class Trainer:
         ckpt = checkpointing.latest_checkpoint(self.out)
         if ckpt is None:
             return
-        state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer)
+        state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer, self.dist.rank if self.ep else None)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.dist.is_main:
             self._truncate_log(self.step)
@@ -218,15 +253,30 @@ class Trainer:
 
     def save(self) -> None:
         t = self.recipe.train
+        state = {"tokens_seen": self.tokens_seen}
+        if not self.ep:
+            if self.dist.is_main:
+                checkpointing.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, t.keep_last)
+            barrier(self.dist)
+            return
+        # expert parallel: every rank writes its shard into the temp folder; rank 0 then commits it
+        tmp = self.out / "checkpoints" / f".tmp_step_{self.step:08d}"
         if self.dist.is_main:
-            checkpointing.save_checkpoint(self.out, self.step, self.model, self.optimizer,
-                                          {"tokens_seen": self.tokens_seen}, t.keep_last)
+            tmp = checkpointing.begin_checkpoint(self.out, self.step)
+        barrier(self.dist)
+        model_file, optim_file = checkpointing.shard_names(self.dist.rank)
+        checkpointing.write_files(tmp, {model_file: self.model.state_dict(), optim_file: self.optimizer.state_dict()})
+        barrier(self.dist)
+        if self.dist.is_main:
+            checkpointing.write_files(tmp, {"state.pt": {**state, "step": self.step, "rng": checkpointing.rng_state()}})
+            checkpointing.commit_checkpoint(self.out, self.step, tmp, t.keep_last)
         barrier(self.dist)
 
     def export(self) -> Path:
         final = self.out / "final"
+        full = gather_full_state_dict(self.model, self.dist.world_size) if self.ep else self.model.state_dict()
         if self.dist.is_main:
-            self.model.save_pretrained(final, fp8=self.recipe.train.export_fp8)
+            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8)
             if self.recipe.data.tokenizer:
                 for f in Path(self.recipe.data.tokenizer).iterdir():
                     if f.is_file() and not (final / f.name).exists():

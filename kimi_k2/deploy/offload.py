@@ -1,0 +1,185 @@
+"""Serving a checkpoint larger than RAM: routed experts stay in the memory-mapped safetensors files (KTransformers-style
+expert offload, shared/reference/serving_anchors.md §4) and are dequantized only when tokens are routed to them.
+
+Everything else (embeddings, attention, dense MLP, router, shared expert, lm_head) is loaded normally. Routed experts
+are ~97% of K2's bytes, so resident memory is the non-expert weights plus the experts of one step. After an expert's
+fp8 bytes are dequantized its pages are dropped from this process (madvise MADV_DONTNEED; they stay in the kernel's
+page cache, clean and reclaimable), so touched experts do not pile up in RSS. An optional LRU keeps the dequantized
+weights of the most recently used experts.
+
+safetensors layout: u64 little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [b, e]}},
+then the data; a tensor's bytes are [8 + n + b, 8 + n + e).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_k2.checkpoint import CheckpointError, CheckpointReader, dequantize_block_fp8
+from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX
+from kimi_k2.config import K2Config
+from kimi_k2.deploy.loading import load_present
+from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.moe import MoE
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+FAULT_MARGIN = 2 * 2**20  # x86-64 / arm64-4K PMD size: the largest page-cache folio and fault-around window
+DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class MappedShard:
+    """One safetensors file, memory-mapped read-only; tensors are zero-copy views of the mapping."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                size = os.fstat(f.fileno()).st_size
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.entries = {
+                k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                for k, v in header.items() if k != "__metadata__"
+            }
+        except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable safetensors file {self.path}: {e!r}") from e
+        for name, (_, _, begin, end) in self.entries.items():
+            if not 0 <= begin <= end <= size:
+                raise CheckpointError(f"tensor {name} lies outside {self.path} (bytes {begin}..{end} of {size})")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise CheckpointError(f"tensor {name} is not in {self.path}")
+        stored, shape, begin, end = self.entries[name]
+        if stored not in DTYPES:
+            raise CheckpointError(f"tensor {name} in {self.path} has dtype {stored}; offload reads {sorted(DTYPES)}")
+        dtype = DTYPES[stored]
+        if end - begin != dtype.itemsize * torch.Size(shape).numel():
+            raise CheckpointError(f"tensor {name} in {self.path}: {end - begin} bytes for {stored} {list(shape)}")
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # the mapping is read-only and these views are never written
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=begin)
+        if begin % dtype.itemsize:  # unaligned (safetensors does not promise alignment): copy, scales are small
+            flat = flat.clone()
+        return flat.view(dtype).view(shape)
+
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from the process (the next access faults them back in from the file).
+
+        A read fault maps more than its page: the whole page-cache folio and Linux fault-around neighbours, both
+        within the faulting address's 2 MiB PMD. So the range released is the tensor's plus FAULT_MARGIN each side.
+        """
+        _, _, begin, end = self.entries[name]
+        start = max(0, begin - FAULT_MARGIN)
+        start -= start % mmap.PAGESIZE
+        end = min(len(self.mm), end + FAULT_MARGIN)
+        if end > start:
+            self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+class ExpertStore:
+    """The memory-mapped shards of a checkpoint, and an LRU of dequantized experts shared by all layers."""
+
+    def __init__(self, reader: CheckpointReader, dtype: torch.dtype, cache_experts: int = 0,
+                 release_pages: bool = True) -> None:
+        if cache_experts < 0:
+            raise ValueError(f"cache_experts must be >= 0, got {cache_experts}")
+        self.reader, self.dtype = reader, dtype
+        self.cache_experts, self.release_pages = cache_experts, release_pages
+        self.shards: dict[str, MappedShard] = {}
+        self.lru: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.dequantized = 0  # expert dequantizations so far (cache misses)
+
+    def _shard(self, name: str) -> MappedShard:
+        if name not in self.reader.weight_map:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint {self.reader.directory}")
+        file = self.reader.weight_map[name]
+        if file not in self.shards:
+            self.shards[file] = MappedShard(self.reader.directory / file)
+        return self.shards[file]
+
+    def mapped(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight view, scale view or None) of one stored projection, checked against the header."""
+        w = self._shard(name).tensor(name)
+        if w.dtype != FP8_DTYPE:
+            return w, None
+        return w, self._shard(name + SCALE_SUFFIX).tensor(name + SCALE_SUFFIX)
+
+    def weights(self, prefix: str) -> tuple[torch.Tensor, ...]:
+        """Dequantized (gate, up, down) of the expert whose tensors start with `prefix`."""
+        if prefix in self.lru:
+            self.lru.move_to_end(prefix)
+            return self.lru[prefix]
+        out = []
+        for proj in PROJECTIONS:
+            name = f"{prefix}{proj}.weight"
+            w, scale = self.mapped(name)
+            out.append(w.to(self.dtype) if scale is None else
+                       dequantize_block_fp8(w, scale, self.reader.block, dtype=self.dtype))
+            if self.release_pages:
+                for n in (name, name + SCALE_SUFFIX) if scale is not None else (name,):
+                    self._shard(n).release(n)
+        self.dequantized += 1
+        if self.cache_experts:
+            self.lru[prefix] = tuple(out)
+            if len(self.lru) > self.cache_experts:
+                self.lru.popitem(last=False)
+        return tuple(out)
+
+
+class OffloadedExpert(nn.Module):
+    """down(silu(gate(x)) * up(x)) with the three matrices read from the mapped checkpoint at each call."""
+
+    def __init__(self, store: ExpertStore, prefix: str) -> None:
+        super().__init__()
+        self.store, self.prefix = store, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (w.to(x.device) for w in self.store.weights(self.prefix))
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def offload_experts(model: K2ForCausalLM, store: ExpertStore) -> K2ForCausalLM:
+    """Replace each routed expert of `model` by an `OffloadedExpert` over `store`, after checking its tensors."""
+    for i, block in enumerate(model.model.layers):
+        if not isinstance(block.mlp, MoE):
+            continue
+        for e, expert in enumerate(block.mlp.experts):
+            prefix = f"model.layers.{i}.mlp.experts.{e}."
+            for proj in PROJECTIONS:
+                w, _ = store.mapped(f"{prefix}{proj}.weight")
+                want = tuple(getattr(expert, proj).weight.shape)
+                if tuple(w.shape) != want:
+                    raise CheckpointError(f"shape mismatch for {prefix}{proj}.weight: checkpoint "
+                                          f"{tuple(w.shape)}, model {want}")
+            block.mlp.experts[e] = OffloadedExpert(store, prefix)
+    return model
+
+
+def load_offloaded(
+    directory: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    cache_experts: int = 0, release_pages: bool = True,
+) -> K2ForCausalLM:
+    """A model whose non-expert tensors are loaded (as `dtype`) and whose routed experts stay memory-mapped."""
+    reader = CheckpointReader(directory)
+    config = K2Config.from_pretrained(directory)
+    with torch.device("meta"):
+        model = K2ForCausalLM(config)
+    offload_experts(model, ExpertStore(reader, dtype, cache_experts, release_pages))
+    load_present(model, reader, dtype, device)
+    return model.eval()

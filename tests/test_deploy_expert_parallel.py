@@ -1,0 +1,97 @@
+"""Expert parallelism: real `torchrun` (gloo, CPU) with 2 and 4 ranks against the unsharded model in one process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kimi_k2.checkpoint import CheckpointReader
+from kimi_k2.config import K2Config
+from kimi_k2.deploy.expert_parallel import expert_range, load_expert_parallel, shard_experts
+from kimi_k2.deploy.runner import CachedStepper, greedy_generate
+from kimi_k2.model import K2ForCausalLM
+
+PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]  # B*S = 10 tokens: uneven slices over 4 ranks
+NEW_TOKENS = 6
+EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = K2Config.from_preset("k2-tiny")  # 8 experts, layers 1-2 MoE
+    model = K2ForCausalLM.from_config(config)
+    with torch.no_grad():  # a router bias, so selection differs from scores alone as in K2
+        for block in model.model.layers[1:]:
+            block.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("ep") / "ckpt"
+    model.save_pretrained(out, fp8=True, max_shard_size=100_000)  # block-FP8, many shards
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model = K2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    return greedy_generate(CachedStepper(model, 16), PROMPTS, NEW_TOKENS)
+
+
+def test_expert_range_splits_evenly_and_rejects_bad_worlds():
+    assert [list(expert_range(8, r, 4)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="n_routed_experts=8 is not divisible .* 3"):
+        expert_range(8, 0, 3)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
+        expert_range(8, 2, 2)
+    with torch.device("meta"):
+        model = K2ForCausalLM(K2Config.from_preset("k2-tiny"))
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_experts(model, 0, 3)
+
+
+def test_a_rank_reads_only_its_experts_and_the_replicated_tensors(checkpoint, monkeypatch):
+    read: list[str] = []
+    real_read = CheckpointReader._read
+
+    def spy(self, f, shard, name, out):
+        read.append(name)
+        return real_read(self, f, shard, name, out)
+
+    monkeypatch.setattr(CheckpointReader, "_read", spy)
+    model, reported = load_expert_parallel(checkpoint, rank=1, world=2, dtype=torch.float32)
+    all_names = list(CheckpointReader(checkpoint))
+    want = {n for n in all_names if not (m := EXPERT.search(n)) or int(m[1]) in range(4, 8)}
+    assert set(read) == want == set(reported)
+    assert len(read) == len(set(read))
+    assert any(EXPERT.search(n) for n in read) and len(want) < len(all_names)
+    for block in model.model.layers[1:]:
+        assert sorted(block.mlp.experts, key=int) == ["4", "5", "6", "7"]
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def run_ep(checkpoint, tmp_path, nproc: int) -> dict:
+    out = tmp_path / f"ep{nproc}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "kimi_k2.cli", "generate-ep", "--model", str(checkpoint), "--max-new-tokens", str(NEW_TOKENS),
+           "--out", str(out), "--logits"]
+    for p in PROMPTS:
+        cmd += ["--prompt-ids", ",".join(map(str, p))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_expert_parallel_greedy_output_matches_one_process(checkpoint, reference, tmp_path, nproc):
+    result = run_ep(checkpoint, tmp_path, nproc)
+    tokens, logits = reference
+    assert result["world"] == nproc
+    assert result["tokens"] == tokens
+    torch.testing.assert_close(torch.tensor(result["logits"]), logits, rtol=0, atol=1e-5)
+    per = 8 // nproc
+    for rank, names in enumerate(result["read"]):
+        experts = {int(m[1]) for n in names if (m := EXPERT.search(n))}
+        assert experts == set(range(rank * per, (rank + 1) * per))

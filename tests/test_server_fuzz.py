@@ -1,0 +1,53 @@
+"""Property-based fuzzing of the served OpenAPI schema (schemathesis): no request, valid or not, gets a 5xx.
+
+The default run is bounded (6 examples per operation, ~40 in all); `--run-slow` runs a bigger one.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from server_fixtures import API_KEY, ServerThread, make_model_dir, make_state
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(k2_tokenizer_dir, tmp_path_factory):
+    # a short context bounds how long any fuzzed generation can run
+    state = make_state(make_model_dir(k2_tokenizer_dir, tmp_path_factory.mktemp("model")), default_max_tokens=8,
+                       max_model_len=160)
+    with ServerThread(state) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(server + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def test_openapi_schema_lists_every_endpoint(server):
+    paths = httpx.get(server + "/openapi.json").json()["paths"]
+    for p in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
+              "/health", "/metrics"):
+        assert p in paths
+
+
+@schema.parametrize()
+@settings(max_examples=6, **SETTINGS)
+def test_fuzz_no_server_errors(case):
+    case.call_and_validate(headers=AUTH, checks=[not_a_server_error], timeout=60)
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(max_examples=150, **SETTINGS)
+def test_fuzz_no_server_errors_long(case):
+    case.call_and_validate(headers=AUTH, checks=[not_a_server_error], timeout=60)
