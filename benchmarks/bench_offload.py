@@ -6,8 +6,8 @@
 Writes (once, streaming, random values) a block-FP8 checkpoint with every K2 width real (hidden 7168, 64 heads,
 q_lora 1536, kv_lora 512, dense intermediate 18432, moe_intermediate 2048, vocab 163840, 8 experts per token) but
 few layers (layer 0 dense, the rest MoE) and fewer routed experts. Then, in a fresh process: load_offloaded(bf16),
-greedy-generate, and report peak RSS (getrusage ru_maxrss: anonymous + mapped file pages) against the checkpoint's
-size, the RSS after loading, the largest file-backed RSS seen after a step, and prefill / decode speed.
+greedy-generate, and report peak RSS (VmHWM: anonymous + mapped file pages; reset after loading) against the
+checkpoint's size, the RSS after loading, the largest file-backed RSS seen after a step, and prefill / decode speed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -63,11 +62,16 @@ def write_checkpoint(directory: Path, config: K2Config) -> None:
         w.commit(checkpoint_config(config, True, torch.bfloat16))
 
 
-def rss_file() -> int:
+def status(field: str) -> int:
+    """A byte count from /proc/self/status (VmHWM: peak RSS, RssFile: mapped file pages now)."""
     for line in open("/proc/self/status"):
-        if line.startswith("RssFile:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    return 0
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
 
 
 def child(directory: Path, prompt_len: int, new_tokens: int, cache_experts: int) -> dict:
@@ -80,21 +84,23 @@ def child(directory: Path, prompt_len: int, new_tokens: int, cache_experts: int)
     model = load_offloaded(directory, dtype=torch.bfloat16, cache_experts=cache_experts)
     load_s = time.perf_counter() - t0
     after_load = proc.memory_info().rss
+    load_peak = status("VmHWM")
+    reset_peak_rss()
     step = CachedStepper(model, prompt_len + new_tokens)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
     logits = step({"input_ids": prompt.tolist(), "reset": True})
     prefill_s = time.perf_counter() - t0
-    max_file = rss_file()
+    max_file = status("RssFile")
     t0 = time.perf_counter()
     for _ in range(new_tokens - 1):
         logits = step({"input_ids": logits.argmax(-1)[:, None].tolist()})
-        max_file = max(max_file, rss_file())
+        max_file = max(max_file, status("RssFile"))
     decode_s = time.perf_counter() - t0
     store = model.model.layers[1].mlp.experts[0].store
     return {
-        "rss_after_imports": base, "rss_after_load": after_load, "peak_rss": resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss * 1024, "max_rss_file_after_step": max_file, "load_s": load_s,
+        "rss_after_imports": base, "rss_after_load": after_load, "load_peak_rss": load_peak,
+        "generate_peak_rss": status("VmHWM"), "max_rss_file_after_step": max_file, "load_s": load_s,
         "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": (new_tokens - 1) / decode_s,
         "expert_dequantizations": store.dequantized,
         "param_bytes": sum(t.nbytes for t in model.state_dict().values()),
@@ -134,9 +140,9 @@ def main() -> None:
           f"(routed experts {expert / GB:.2f} GB fp8); a full bf16 load would hold "
           f"{(r['param_bytes'] + expert_bf16) / GB:.2f} GB")
     print(f"resident params {r['param_bytes'] / GB:.2f} GB; RSS after imports {r['rss_after_imports'] / GB:.2f}, "
-          f"after load {r['rss_after_load'] / GB:.2f}, peak {r['peak_rss'] / GB:.2f} GB "
-          f"(= {r['peak_rss'] / total:.0%} of the checkpoint); max file-backed RSS after a step "
-          f"{r['max_rss_file_after_step'] / GB:.3f} GB")
+          f"after load {r['rss_after_load'] / GB:.2f}, peak while loading {r['load_peak_rss'] / GB:.2f}, peak while "
+          f"generating {r['generate_peak_rss'] / GB:.2f} GB (= {r['generate_peak_rss'] / total:.0%} of the "
+          f"checkpoint); max file-backed RSS after a step {r['max_rss_file_after_step'] / GB:.3f} GB")
     print(f"load {r['load_s']:.1f} s; prefill {a.prompt_len} tokens {r['prefill_tok_s']:.2f} tok/s; decode "
           f"{r['decode_tok_s']:.3f} tok/s; {r['expert_dequantizations']} expert dequantizations "
           f"(cache_experts={a.cache_experts})")

@@ -2,7 +2,8 @@ import pytest
 
 from kimi_k2.cli import main
 from kimi_k2.config import K2Config
-from kimi_k2.deploy.plan import GiB, component_bytes, kv_bytes_per_token, make_plan, smallest_unit
+from kimi_k2.deploy.plan import GiB, component_bytes, make_plan, smallest_unit
+from kimi_k2.model.info import kv_bytes_per_token, model_info
 
 K2 = K2Config.from_preset("kimi-k2-instruct")
 
@@ -53,3 +54,9 @@ def test_cli_prints_the_arithmetic(capsys):
     out = capsys.readouterr().out
     assert "70,272 B/token" in out and "TP=16" in out and "FITS" in out
     assert main(["plan", "--gpus", "8xH200"]) == 1
+
+
+def test_plan_counts_the_same_bytes_as_info():
+    info = model_info(K2)
+    assert sum(component_bytes(K2, fp8=True).values()) == info.fp8_bytes
+    assert sum(component_bytes(K2, fp8=False).values()) == info.bf16_bytes

@@ -17,10 +17,13 @@ Layouts (per rank = one GPU):
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 from dataclasses import dataclass
 
 from kimi_k2.config import PRESETS, K2Config
+from kimi_k2.model.info import ModelInfo, kv_bytes_per_token, model_info
 
 GB = 1e9
 GiB = 2**30
@@ -31,44 +34,24 @@ GPUS: dict[str, float] = {
 }
 
 COMPONENTS = ("embed", "attention", "dense_mlp", "routed_experts", "shared_experts", "replicated")
+# kimi_k2.model.info component -> how a layout places it ("replicated": small tensors every rank keeps whole)
+_PLACEMENT = {"embeddings": "embed", "lm_head": "embed", "attention": "attention", "dense_mlp": "dense_mlp",
+              "routed_experts": "routed_experts", "shared_experts": "shared_experts", "router": "replicated",
+              "norms": "replicated"}
 
 
-def _matrix_bytes(rows: int, cols: int, fp8: bool, block: tuple[int, int]) -> int:
-    if not fp8:
-        return 2 * rows * cols
-    return rows * cols + 4 * math.ceil(rows / block[0]) * math.ceil(cols / block[1])
+@functools.lru_cache(maxsize=8)
+def _info(config_json: str) -> ModelInfo:
+    return model_info(K2Config.from_dict(json.loads(config_json)))
 
 
 def component_bytes(cfg: K2Config, fp8: bool = True) -> dict[str, int]:
-    """Weight bytes of the whole model by component ('replicated': norms, router weight and bias)."""
-    D, H, L, blk = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.weight_block_size
-
-    def mat(rows: int, cols: int) -> int:
-        return _matrix_bytes(rows, cols, fp8, blk)
-
+    """Weight bytes of the whole model by placement component, counted on the meta-device model."""
+    info = _info(json.dumps(cfg.to_dict(), sort_keys=True))
     out = dict.fromkeys(COMPONENTS, 0)
-    out["embed"] = 2 * cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2)
-    if cfg.q_lora_rank:
-        attn = mat(cfg.q_lora_rank, D) + mat(H * cfg.qk_head_dim, cfg.q_lora_rank) + 2 * cfg.q_lora_rank
-    else:
-        attn = mat(H * cfg.qk_head_dim, D)
-    attn += mat(cfg.kv_lora_rank + cfg.qk_rope_head_dim, D) + 2 * cfg.kv_lora_rank
-    attn += mat(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank) + mat(D, H * cfg.v_head_dim)
-    out["attention"] = L * attn
-    out["replicated"] = 2 * D * (2 * L + 1)  # input/post-attention norms per layer, final norm
-    expert = 2 * mat(cfg.moe_intermediate_size, D) + mat(D, cfg.moe_intermediate_size)
-    for i in range(L):
-        if cfg.is_moe_layer(i):
-            out["routed_experts"] += (cfg.n_routed_experts or 0) * expert
-            out["shared_experts"] += (cfg.n_shared_experts or 0) * expert
-            out["replicated"] += 2 * (cfg.n_routed_experts or 0) * D + 4 * (cfg.n_routed_experts or 0)
-        else:
-            out["dense_mlp"] += 2 * mat(cfg.intermediate_size, D) + mat(D, cfg.intermediate_size)
+    for name, n in (info.fp8_component_bytes if fp8 else info.bf16_component_bytes).items():
+        out[_PLACEMENT[name]] += n
     return out
-
-
-def kv_bytes_per_token(cfg: K2Config, dtype_bytes: int = 2) -> int:
-    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype_bytes
 
 
 @dataclass

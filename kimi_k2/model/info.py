@@ -31,6 +31,8 @@ class ModelInfo:
     naive_kv_bytes_per_token: int  # per-head K and V, bf16: heads * (qk_head_dim + v_head_dim) * layers * 2
     bf16_bytes: int  # every tensor bf16, the fp32 router bias excepted
     fp8_bytes: int  # projections e4m3 + fp32 scale per 128x128 block; the rest as in bf16_bytes
+    bf16_component_bytes: dict[str, int]  # COMPONENTS -> bytes, as bf16_bytes
+    fp8_component_bytes: dict[str, int]  # COMPONENTS -> bytes, as fp8_bytes
     context_length: int
 
     @property
@@ -70,17 +72,18 @@ def model_info(config: K2Config) -> ModelInfo:
     with torch.device("meta"):
         model = K2ForCausalLM(config)
     components = dict.fromkeys(COMPONENTS, 0)
-    bf16 = fp8 = 0
+    bf16 = dict.fromkeys(COMPONENTS, 0)
+    fp8 = dict.fromkeys(COMPONENTS, 0)
     bm, bn = config.weight_block_size
     for name, t in model.state_dict().items():
-        n = t.numel()
-        components[_component(name)] += n
+        n, part = t.numel(), _component(name)
+        components[part] += n
         rest = n * t.element_size() if t.dtype == torch.float32 and name.endswith("e_score_correction_bias") else n * 2
-        bf16 += rest
+        bf16[part] += rest
         if is_quantized_name(name):
-            fp8 += n + math.ceil(t.shape[0] / bm) * math.ceil(t.shape[1] / bn) * 4
+            fp8[part] += n + math.ceil(t.shape[0] / bm) * math.ceil(t.shape[1] / bn) * 4
         else:
-            fp8 += rest
+            fp8[part] += rest
     total = sum(components.values())
     n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     unused = 0
@@ -88,8 +91,8 @@ def model_info(config: K2Config) -> ModelInfo:
         per_layer = components["routed_experts"] // n_moe
         unused = n_moe * (per_layer - per_layer * config.num_experts_per_tok // config.n_routed_experts)
     naive = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * config.num_hidden_layers * 2
-    return ModelInfo(total, total - unused, components, kv_bytes_per_token(config), naive, bf16, fp8,
-                     config.max_position_embeddings)
+    return ModelInfo(total, total - unused, components, kv_bytes_per_token(config), naive, sum(bf16.values()),
+                     sum(fp8.values()), bf16, fp8, config.max_position_embeddings)
 
 
 def _human(n: float, unit: str = "") -> str:
