@@ -59,8 +59,9 @@ def main() -> None:
     hf.load_state_dict(ours.state_dict(), strict=False)  # strict=False: HF's rotary inv_freq is not a checkpoint tensor
     rng = random.Random(1)
     prompts = [[rng.randrange(config.vocab_size) for _ in range(args.prompt)] for _ in range(args.concurrent)]
-    ecfg = EngineConfig(page_size=16, max_model_len=args.prompt + args.new, max_num_seqs=args.concurrent,
-                        enable_prefix_caching=False)
+    pages = -(-(args.prompt + args.new) // 16) * args.concurrent
+    ecfg = EngineConfig(page_size=16, num_pages=pages, max_model_len=args.prompt + args.new,
+                        max_num_seqs=args.concurrent, enable_prefix_caching=False)
 
     def engine_run(ps: list[list[int]], new: int) -> list[list[int]]:
         engine = LLMEngine(ours, config=ecfg)
@@ -78,25 +79,27 @@ def main() -> None:
     r = best_of({
         "ours_1": lambda: engine_run(prompts[:1], 1), "ours_n": lambda: engine_run(prompts[:1], args.new),
         "hf_1": lambda: hf_run(1), "hf_n": lambda: hf_run(args.new),
-        "ours_batch": lambda: engine_run(prompts, args.new),
+        "batch_1": lambda: engine_run(prompts, 1), "batch_n": lambda: engine_run(prompts, args.new),
     }, args.repeats)
     same = sum(a == b for a, b in zip(r["ours_n"][2][0], r["hf_n"][2], strict=True)) / args.new
-    batch_same = all(a == r["ours_n"][2][0] for a in r["ours_batch"][2][:1])
+    batch_same = r["batch_n"][2][0] == r["ours_n"][2][0]
 
-    def decode_rate(k: str, i: int) -> float:
-        return (args.new - 1) / (r[f"{k}_n"][i] - r[f"{k}_1"][i])
+    def decode_rate(k: str, i: int, streams: int = 1) -> float:
+        return streams * (args.new - 1) / (r[f"{k}_n"][i] - r[f"{k}_1"][i])
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load average "
           f"{os.getloadavg()[0]:.1f}; torch {torch.__version__} threads {args.threads}, transformers "
           f"{transformers.__version__}")
     print(f"{args.preset} float32, prompt {args.prompt}, new {args.new}; greedy tokens equal to HF: {100 * same:.0f}%"
           f"; batched run equals single run: {batch_same}")
-    for i, unit in ((1, "cpu-s"), (0, "wall-s")):
-        ours_d, hf_d = decode_rate("ours", i), decode_rate("hf", i)
-        total = args.concurrent * args.new / r["ours_batch"][i]
-        print(f"[{unit}] single-stream decode: ours {ours_d:7.1f} tok/s, HF {hf_d:7.1f} tok/s -> {ours_d / hf_d:5.2f}x"
-              f" | {args.concurrent} concurrent (ours, whole requests): {total:7.1f} tok/s -> "
-              f"{total / hf_d:5.2f}x HF single-stream decode")
+    c = args.concurrent
+    for i, unit in ((1, "cpu"), (0, "wall")):
+        ours_d, hf_d, batch_d = decode_rate("ours", i), decode_rate("hf", i), decode_rate("batch", i, c)
+        ours_t, hf_t, batch_t = args.new / r["ours_n"][i], args.new / r["hf_n"][i], c * args.new / r["batch_n"][i]
+        print(f"[{unit} time] decode tok/s: ours 1 stream {ours_d:7.1f} | HF 1 stream {hf_d:7.1f} | ours {c} "
+              f"concurrent {batch_d:7.1f} -> {ours_d / hf_d:4.2f}x, {batch_d / hf_d:5.2f}x HF")
+        print(f"[{unit} time] whole requests (prefill + decode) tok/s: ours 1 stream {ours_t:7.1f} | HF 1 stream "
+              f"{hf_t:7.1f} | ours {c} concurrent {batch_t:7.1f} -> {ours_t / hf_t:4.2f}x, {batch_t / hf_t:5.2f}x HF")
     engine = LLMEngine(ours, config=ecfg)
     k2 = K2Config.from_preset("kimi-k2-instruct")
     lat, head = latent_bytes_per_token(k2, torch.bfloat16), per_head_bytes_per_token(k2, torch.bfloat16)

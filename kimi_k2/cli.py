@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("kimi_k2.tokenizer.cli", "train a Kimi-format BPE tokenizer; encode/decode text with one"),
     "train": ("kimi_k2.train.cli", "pretrain or fine-tune from a recipe TOML (resumes; torchrun for data parallel)"),
     "generate-ep": ("kimi_k2.deploy.run_ep", "greedy generation with experts sharded over torchrun ranks (gloo/NCCL)"),
+    "generate": ("kimi_k2.engine.generate", "complete prompts or chats with the inference engine (batched, sampled)"),
+    "bench": ("kimi_k2.engine.bench", "engine prefill/decode tokens/s at several batch sizes"),
     "plot": ("kimi_k2.train.plot", "PNG curves (loss, lr, grad norm, max logits, expert load) of training runs"),
 }
 

@@ -40,7 +40,7 @@ def make_state(model_dir: Path, api_key: str | None = API_KEY, default_max_token
                **engine_kw) -> ServerState:
     model = K2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = Tokenizer.from_pretrained(model_dir)
-    engine = LLMEngine(model, tok, EngineConfig(**engine_kw))
+    engine = LLMEngine(model, tok, EngineConfig(**{"memory_budget_bytes": 1 << 25, **engine_kw}))
     return ServerState(AsyncLLMEngine(engine), tok, ALIASES, model.config.vocab_size, api_key, default_max_tokens)
 
 

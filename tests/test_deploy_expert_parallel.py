@@ -1,4 +1,5 @@
-"""Expert parallelism: real `torchrun` (gloo, CPU) with 2 and 4 ranks against the unsharded model in one process."""
+"""Expert (and head-parallel attention) inference: real `torchrun` (gloo, CPU) with 2 and 4 ranks against the
+unsharded model in one process."""
 
 import json
 import os
@@ -12,8 +13,11 @@ import torch
 from kimi_k2.checkpoint import CheckpointReader
 from kimi_k2.config import K2Config
 from kimi_k2.deploy.expert_parallel import expert_range, load_expert_parallel, shard_experts
+from kimi_k2.deploy.loading import load_present
 from kimi_k2.deploy.runner import CachedStepper, greedy_generate
+from kimi_k2.deploy.tensor_parallel import TPMLA, shard_attention
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.attention import MLA
 
 PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]  # B*S = 10 tokens: uneven slices over 4 ranks
 NEW_TOKENS = 6
@@ -71,11 +75,37 @@ def test_a_rank_reads_only_its_experts_and_the_replicated_tensors(checkpoint, mo
     assert not any(p.is_meta for p in model.parameters())
 
 
-def run_ep(checkpoint, tmp_path, nproc: int) -> dict:
+def test_head_parallel_partial_outputs_sum_to_the_full_attention(checkpoint):
+    full = K2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    x = torch.randn(2, 5, full.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    cos, sin = full.model.rotary(torch.arange(5).expand(2, 5), x.dtype)
+    parts = []
+    for rank in range(2):
+        with torch.device("meta"):
+            model = K2ForCausalLM(full.config)
+            slices = shard_attention(model, rank, 2)
+        load_present(model, CheckpointReader(checkpoint), torch.float32, slices=slices)
+        attn = model.model.layers[1].self_attn
+        assert isinstance(attn, TPMLA) and attn.n_heads == full.config.num_attention_heads // 2
+        with torch.no_grad():
+            parts.append(MLA.forward(attn, x, cos, sin))  # this rank's heads, before the all-reduce
+    with torch.no_grad():
+        torch.testing.assert_close(parts[0] + parts[1], full.model.layers[1].self_attn(x, cos, sin))
+
+
+def test_head_parallel_rejects_bad_worlds():
+    config = K2Config.from_preset("k2-tiny")  # 4 heads
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible .* 3"):
+        TPMLA(config, 0, 0, 3)
+    with pytest.raises(ValueError, match="attention_bias"):
+        TPMLA(config.replace(attention_bias=True), 0, 0, 2)
+
+
+def run_ep(checkpoint, tmp_path, nproc: int, tp: bool) -> dict:
     out = tmp_path / f"ep{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "kimi_k2.cli", "generate-ep", "--model", str(checkpoint), "--max-new-tokens", str(NEW_TOKENS),
-           "--out", str(out), "--logits"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "kimi_k2.cli", "generate-ep", "--model", str(checkpoint),
+           "--max-new-tokens", str(NEW_TOKENS), "--out", str(out), "--logits", *(["--tp-attention"] if tp else [])]
     for p in PROMPTS:
         cmd += ["--prompt-ids", ",".join(map(str, p))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -84,9 +114,9 @@ def run_ep(checkpoint, tmp_path, nproc: int) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_expert_parallel_greedy_output_matches_one_process(checkpoint, reference, tmp_path, nproc):
-    result = run_ep(checkpoint, tmp_path, nproc)
+@pytest.mark.parametrize(("nproc", "tp"), [(1, False), (2, False), (4, False), (4, True)])
+def test_expert_parallel_greedy_output_matches_one_process(checkpoint, reference, tmp_path, nproc, tp):
+    result = run_ep(checkpoint, tmp_path, nproc, tp)
     tokens, logits = reference
     assert result["world"] == nproc
     assert result["tokens"] == tokens

@@ -123,3 +123,11 @@ def test_mapped_shard_rejects_a_corrupt_header(tmp_path):
     (tmp_path / "short.safetensors").write_bytes(struct.pack("<Q", 1 << 40))
     with pytest.raises(CheckpointError, match="header length"):
         MappedShard(tmp_path / "short.safetensors")
+
+
+def test_unquantized_checkpoints_offload_too(tmp_path, dense):
+    dense.save_pretrained(tmp_path / "fp32")
+    model = load_offloaded(tmp_path / "fp32", dtype=torch.float32)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dense(ids), rtol=0, atol=1e-5)

@@ -4,11 +4,15 @@ Graceful shutdown lets an in-flight stream finish."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
-from server_fixtures import API_KEY, MODEL, ServerThread, make_model_dir, make_state
+from server_fixtures import API_KEY, MODEL, ServerThread, free_port, make_model_dir, make_state
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -154,3 +158,29 @@ def test_graceful_shutdown_finishes_in_flight_stream(model_dir):
     assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
     assert data[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(1 for d in data if d["choices"][0]["delta"].get("content")) >= 1
+
+
+def test_serve_command_runs_and_stops_on_sigterm(model_dir):
+    """`kimi-k2 serve` as users run it: a process that serves, then exits cleanly on SIGTERM."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_k2.cli", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "512",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [(MODEL, 512)]
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    # uvicorn shuts down gracefully, then re-raises the captured signal: exit by SIGTERM, no traceback
+    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in out, out

@@ -85,7 +85,8 @@ def stream_chat(client, **kw):
 def test_model_card_simple_chat_unchanged(client, capsys):
     model_card.simple_chat(client, "moonshotai/Kimi-K2-Instruct")
     out = capsys.readouterr().out
-    assert out.strip() and "None" not in out.splitlines()[0]
+    assert out.strip() and out.splitlines()[0] != "None"
+    assert "<|reserved_token_" not in out, "special tokens are not part of a chat reply"
 
 
 def test_model_card_tool_loops_unchanged(client, capsys):
@@ -153,6 +154,25 @@ def test_response_format_json_schema(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_response_format_json_object_starts_an_object(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=6)
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_foreign_history_ids_continue_the_k2_counter(client):
+    """History written by another server (ids like call_abc) is renumbered by the template; new ids follow it."""
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_abc", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": true}'}},
+        {"id": "call_def", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "2"},
+        {"role": "tool", "tool_call_id": "call_def", "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.id == f"functions.{call.function.name}:2"
+
+
 def test_usage_counts_prompt_and_completion_tokens(server, client):
     _, state = server
     r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_completion_tokens=7)
@@ -216,7 +236,8 @@ def test_client_disconnect_aborts_and_frees_cache(server):
     url, state = server
     body = {"model": MODEL, "messages": ASK, "max_tokens": 500, "temperature": 1.0, "stream": True,
             "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
-                "type": "object", "properties": {"t": {"type": "string"}}, "required": ["t"]}}}}
+                "type": "object", "properties": {"t": {"type": "string", "minLength": 300}}, "required": ["t"]}}},
+            "seed": 0}
     aborted = state.metrics.aborted
     with httpx.stream("POST", url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as r:

@@ -1,8 +1,10 @@
 """Expert parallelism (EP) with torch.distributed: rank r of W holds routed experts [r*E/W, (r+1)*E/W) of every MoE
-layer; everything else (embeddings, MLA attention, dense MLP, router, shared expert, lm_head) is replicated.
+layer; the rest (embeddings, dense MLP, router, shared expert, lm_head) is replicated, and MLA attention is either
+replicated or split by heads over the same ranks (`tensor_parallel.py`).
 
-All ranks see the same tokens (attention is replicated, the DistributedRunner feeds every rank the same step), so
-each rank dispatches only its 1/W slice of the tokens, and the slices are all-gathered after the MoE:
+All ranks see the same tokens (the DistributedRunner feeds every rank the same step, and attention, replicated or
+all-reduced, leaves every rank the whole hidden state), so each rank dispatches only its 1/W slice of the tokens and
+the slices are all-gathered after the MoE:
     route (replicated gate) -> pairs (token, expert) of my slice, sorted by expert, hence by owning rank
     all_to_all split sizes, then all_to_all tokens + expert ids -> owners run their experts on what they received
     all_to_all results back -> y_t = sum_k w_tk * expert_k(x_t) (fp32, as `MoE`) -> all_gather slices -> + shared(x)
@@ -20,6 +22,7 @@ from torch import nn
 from kimi_k2.checkpoint import CheckpointReader
 from kimi_k2.config import K2Config
 from kimi_k2.deploy.loading import load_present
+from kimi_k2.deploy.tensor_parallel import shard_attention
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.layers import MLP
 from kimi_k2.model.moe import MoE
@@ -105,12 +108,16 @@ def shard_experts(
 
 def load_expert_parallel(
     directory: str | os.PathLike[str], rank: int, world: int, dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu", group: dist.ProcessGroup | None = None,
+    device: str | torch.device = "cpu", group: dist.ProcessGroup | None = None, tp_attention: bool = False,
 ) -> tuple[K2ForCausalLM, list[str]]:
-    """Rank `rank`'s part of the checkpoint in `directory` -> (model, names of the tensors it read)."""
+    """Rank `rank`'s part of the checkpoint in `directory` -> (model, names of the tensors it read).
+
+    tp_attention: also split MLA by heads over the same ranks (`tensor_parallel.TPMLA`) instead of replicating it.
+    """
     reader = CheckpointReader(directory)
     config = K2Config.from_pretrained(directory)
     with torch.device("meta"):
         model = shard_experts(K2ForCausalLM(config), rank, world, group)
-    names = load_present(model, reader, dtype, device)
+        slices = shard_attention(model, rank, world, group) if tp_attention else {}
+    names = load_present(model, reader, dtype, device, slices)
     return model.eval(), names

@@ -129,7 +129,7 @@ class ExpertStore:
         for proj in PROJECTIONS:
             name = f"{prefix}{proj}.weight"
             w, scale = self.mapped(name)
-            out.append(w.to(self.dtype) if scale is None else
+            out.append(w.to(self.dtype, copy=True) if scale is None else
                        dequantize_block_fp8(w, scale, self.reader.block, dtype=self.dtype))
             if self.release_pages:
                 for n in (name, name + SCALE_SUFFIX) if scale is not None else (name,):

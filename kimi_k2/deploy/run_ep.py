@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated token ids; repeat for a batch of equal-length prompts")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--tp-attention", action="store_true", help="split MLA by heads over the ranks (else replicated)")
     p.add_argument("--out", type=Path, help="JSON result file (rank 0)")
     p.add_argument("--logits", action="store_true", help="include the logits of every generated token in --out")
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     dist.init_process_group("nccl" if device != "cpu" else "gloo")
     try:
         rank = dist.get_rank()
-        model, read = load_expert_parallel(args.model, rank, world, dtype, device)
+        model, read = load_expert_parallel(args.model, rank, world, dtype, device, tp_attention=args.tp_attention)
         runner = DistributedRunner(CachedStepper(model, max_len))
         reads: list[list[str]] = [[] for _ in range(world)]
         dist.all_gather_object(reads, read)

@@ -97,7 +97,9 @@ class AsyncLLMEngine:
     def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: _Stream) -> None:
         try:
             self.engine.add_request(prompt_ids, params, request_id)
-        except ValueError as e:
+        except ValueError as e:  # e.g. the id is still held by an aborted request of the same name
+            with self.cond:
+                self.streams.pop(request_id, None)
             stream.put(e)
 
     def abort(self, request_id: str) -> bool:

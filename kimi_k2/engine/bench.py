@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kimi-k2 bench: need --new >= 2, --prompt >= 1 and batch sizes >= 1")
     model = load_model(args.model, getattr(torch, args.dtype))
     max_len = args.prompt + args.new
-    config = EngineConfig(page_size=args.page_size, max_model_len=max_len, max_num_seqs=max(args.batch),
-                          max_num_batched_tokens=max(2048, args.prompt), enable_prefix_caching=False)
+    pages = -(-max_len // args.page_size) * max(args.batch)
+    config = EngineConfig(page_size=args.page_size, num_pages=pages, max_model_len=max_len,
+                          max_num_seqs=max(args.batch), max_num_batched_tokens=max(2048, args.prompt),
+                          enable_prefix_caching=False)
     measure(LLMEngine(model, config=config), 1, min(args.prompt, 16), 2)  # warm-up
     print(f"{args.model} {args.dtype}, prompt {args.prompt}, new {args.new}, torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} cpus")

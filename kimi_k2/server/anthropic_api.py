@@ -64,7 +64,7 @@ async def messages(body: ap.MessagesRequest, request: Request):
     t = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(max_tokens=st.max_tokens(len(prompt), body.max_tokens), temperature=t * TEMPERATURE_SCALE,
                             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, constraint=constraint)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"))
+    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden)
     await launch(gen)
     if body.stream:
         return StreamingResponse(stream(st, gen, body.model), media_type="text/event-stream")

@@ -9,6 +9,7 @@ grammar in place (any request with tools) that only happens when `max_tokens` cu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class Sample:
 
 class Generation:
     def __init__(self, engine, tokenizer, compiler: GrammarCompiler, prompt_ids: list[int], params: SamplingParams,
-                 plan: ToolPlan | None, request_id: str, parse_tools: bool = True):
+                 plan: ToolPlan | None, request_id: str, hidden: re.Pattern | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.compiler = compiler
@@ -78,7 +79,7 @@ class Generation:
         self.params = params
         self.plan = plan
         self.request_id = request_id
-        self.parse_tools = parse_tools  # False: raw text, markers included (/v1/completions)
+        self.hidden = hidden  # chat: special-token text to drop, tool calls parsed; None: raw text (/v1/completions)
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = 0
         self.completion_tokens = [0] * params.n
@@ -96,7 +97,7 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         assert self._it is not None, "call start() first"
-        parsers = [ToolCallStreamParser() if self.parse_tools else None for _ in range(self.params.n)]
+        parsers = [ToolCallStreamParser() if self.hidden is not None else None for _ in range(self.params.n)]
         ids: list[list[int]] = [[] for _ in range(self.params.n)]
         async with aclosing(self._it) as it:
             d = self._first
@@ -107,7 +108,7 @@ class Generation:
                 p = parsers[d.index]
                 if d.logprobs:
                     yield LogprobEvent(d.index, d.logprobs)
-                deltas = [{"content": d.text}] if p is None else p.feed(d.text)
+                deltas = [{"content": d.text}] if p is None else p.feed(self.hidden.sub("", d.text))
                 if d.finished and p is not None:
                     deltas += self._drop_cut_headers(p.finish(), p)
                 for ev in self._parsed(d.index, deltas):
@@ -124,10 +125,11 @@ class Generation:
                                              for tc in x.get("tool_calls") or ())]
 
     def _parsed(self, index: int, deltas: list[dict]):
+        calls_allowed = self.plan is not None and self.plan.mode != "none"  # else no call can ever be valid
         for delta in deltas:
             if delta.get("content"):
                 yield TextEvent(index, delta["content"])
-            for tc in delta.get("tool_calls") or ():
+            for tc in (delta.get("tool_calls") or ()) if calls_allowed else ():
                 fn = tc.get("function") or {}
                 yield ToolEvent(index, tc["index"], tc.get("id"), fn.get("name"), fn.get("arguments") or "")
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from kimi_k2.engine import SamplingParams, TokenLogprob
 from kimi_k2.server import convert
@@ -89,7 +89,7 @@ async def chat_completions(body: op.ChatCompletionRequest, request: Request):
     max_tokens = st.max_tokens(len(prompt), body.max_completion_tokens or body.max_tokens, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(st, body, max_tokens, logprobs=logprobs, constraint=constraint)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"))
+    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"), st.hidden)
     t0 = time.perf_counter()
     await launch(gen)
     st.metrics.ttft_sum += time.perf_counter() - t0
@@ -192,8 +192,7 @@ async def completions(body: op.CompletionRequest, request: Request):
     prompt = prompt_ids(st, body.prompt)
     params = sampling(st, body, st.max_tokens(len(prompt), body.max_tokens if body.max_tokens else 16),
                       logprobs=body.logprobs)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, None, request_id("cmpl-"),
-                     parse_tools=False)
+    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, None, request_id("cmpl-"))
     await launch(gen)
     echo = st.tokenizer.decode(prompt) if body.echo else ""
     if body.stream:
@@ -241,7 +240,3 @@ async def completion_stream(st: ServerState, gen: Generation, model: str, echo: 
         yield sse({"id": gen.request_id, "object": "text_completion", "created": created, "model": model,
                    "choices": [], "usage": usage(gen)})
     yield sse("[DONE]")
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(openai_error(e), status_code=e.status)

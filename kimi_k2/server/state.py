@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import Counter
@@ -46,6 +47,9 @@ class ServerState:
         self.model_names = model_names
         self.api_key = api_key
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
+        # chat replies drop `special: true` tokens, as Hugging Face's skip_special_tokens (tool-call markers stay)
+        self.hidden = re.compile("|".join(re.escape(t) for t, i in tokenizer.special_tokens.items()
+                                          if i in tokenizer.skippable_ids))
         self.metrics = Metrics()
         self.created = int(time.time())
 

@@ -297,6 +297,7 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
         barrier(self.dist)
         self.resume()
+        finished_before = self.step >= total  # a rerun of a finished run only (re-)exports
         bar = tqdm(total=total, initial=self.step, disable=not (t.progress and self.dist.is_main), desc="train")
         last: dict[str, Any] = {}
         t0, tokens0 = time.perf_counter(), self.tokens_seen
@@ -327,11 +328,12 @@ class Trainer:
                 self.save()
             bar.update(1)
         bar.close()
-        val = self.evaluate()
-        if val is not None:
-            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val})
-            last["val_loss"] = val
-        self.save()
+        if not finished_before:
+            val = self.evaluate()
+            if val is not None:
+                self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val})
+                last["val_loss"] = val
+            self.save()
         if t.export:
             last["export"] = str(self.export())
         if self.tb is not None:

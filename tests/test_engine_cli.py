@@ -1,0 +1,59 @@
+"""`kimi-k2 generate` and `kimi-k2 bench`, and LLMEngine.from_pretrained on a saved Kimi-format directory."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kimi_k2.cli import main
+from kimi_k2.config import K2Config
+from kimi_k2.engine import LLMEngine, SamplingParams
+from kimi_k2.model import K2ForCausalLM
+from kimi_k2.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(k2_tokenizer_dir, tmp_path_factory):
+    tok = Tokenizer.from_pretrained(k2_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = K2Config.from_preset("k2-tiny").replace(vocab_size=tok.n_vocab, eos_token_id=tok.eos_id)
+    model = K2ForCausalLM.from_config(cfg, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out)
+    for f in k2_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_from_pretrained_loads_model_and_tokenizer(model_dir):
+    engine = LLMEngine.from_pretrained(model_dir, dtype=torch.float32)
+    assert isinstance(engine.tokenizer, Tokenizer)
+    assert engine.max_model_len == engine.model_config.max_position_embeddings
+    ref = K2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompt = engine.tokenizer.encode("hello world")
+    (res,) = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    with torch.inference_mode():
+        logits = ref(torch.tensor([prompt + res.token_ids]))[0, len(prompt) - 1:-1]
+    assert res.token_ids == logits.argmax(-1).tolist()
+
+
+def test_generate_cli_text_chat_and_errors(model_dir, tmp_path, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "The answer is", "--max-tokens", "4", "--temperature", "0",
+                 "--dtype", "float32", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip())
+    assert rec["finish_reason"] in ("length", "stop") and 1 <= len(rec["token_ids"]) <= 4
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps([{"role": "user", "content": f"hi {i}"}]) for i in range(3)))
+    assert main(["generate", str(model_dir), "--messages", str(chats), "--max-tokens", "3", "--dtype", "float32",
+                 "--seed", "0", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(json.loads(x)["prompt"] for x in lines) == [0, 1, 2]
+    assert main(["generate", "k2-tiny", "--prompt", "no tokenizer here", "--dtype", "float32"]) == 2
+    assert "--ids" in capsys.readouterr().err
+
+
+def test_bench_cli_prints_rates(capsys):
+    assert main(["bench", "k2-tiny", "--batch", "1", "3", "--prompt", "8", "--new", "3", "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == [1, 3] and all(float(x) > 0 for r in rows for x in r[1:])
