@@ -127,6 +127,7 @@ def test_n_samples_seeds_and_logprobs(model):
     a = make_engine(model).generate([prompt], p)[0]
     b = make_engine(model).generate([prompt, prompt[:5]], p)[0]  # different batch neighbours
     assert [r.index for r in a] == [0, 1, 2]
+    assert [r.cached_prompt_tokens for r in a] == [0, 8, 8]  # samples 1, 2 reuse sample 0's full prompt pages
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert len({tuple(r.token_ids) for r in a}) > 1
     for r in a:

@@ -182,5 +182,6 @@ def test_serve_command_runs_and_stops_on_sigterm(model_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
+        print(out)  # shown by pytest if anything above failed
     # uvicorn shuts down gracefully, then re-raises the captured signal: exit by SIGTERM, no traceback
     assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in out, out

@@ -225,35 +225,52 @@ def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == ALIASES
     assert httpx.get(url + "/health").json()["status"] == "ok"
+    client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
+    httpx.get(url + "/v1/no/such/path", headers={"Authorization": f"Bearer {API_KEY}"})
     text = httpx.get(url + "/metrics").text
+    assert 'kimi_k2_requests_total{path="other",status="404"}' in text and "no/such" not in text
     assert 'kimi_k2_requests_total{path="/v1/chat/completions",status="200"}' in text
     for name in ("kimi_k2_prompt_tokens_total", "kimi_k2_generation_tokens_total", "kimi_k2_engine_waiting",
                  "kimi_k2_engine_pages_used"):
         assert name in text
 
 
+LONG_JSON = {"model": MODEL, "messages": ASK, "max_tokens": 500, "temperature": 1.0, "seed": 0,
+             "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+                 "type": "object", "properties": {"t": {"type": "string", "minLength": 300}}, "required": ["t"]}}}}
+
+
+def wait_idle(state, aborted_before: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        s = state.engine.stats()
+        if (s["running"], s["waiting"], s["pages_used"]) == (0, 0, 0) and state.metrics.aborted > aborted_before:
+            break
+        time.sleep(0.05)
+    s = state.engine.stats()
+    assert (s["running"], s["waiting"], s["pages_used"]) == (0, 0, 0)
+    assert state.metrics.aborted == aborted_before + 1
+
+
 def test_client_disconnect_aborts_and_frees_cache(server):
     url, state = server
-    body = {"model": MODEL, "messages": ASK, "max_tokens": 500, "temperature": 1.0, "stream": True,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
-                "type": "object", "properties": {"t": {"type": "string", "minLength": 300}}, "required": ["t"]}}},
-            "seed": 0}
     aborted = state.metrics.aborted
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**LONG_JSON, "stream": True},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as r:
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
         assert state.engine.stats()["running"] + state.engine.stats()["waiting"] == 1
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        s = state.engine.stats()
-        if s["running"] == 0 and s["waiting"] == 0 and s["pages_used"] == 0:
-            break
-        time.sleep(0.05)
-    s = state.engine.stats()
-    assert (s["running"], s["waiting"], s["pages_used"]) == (0, 0, 0)
-    assert state.metrics.aborted == aborted + 1
+    wait_idle(state, aborted)
+
+
+def test_non_streaming_client_gone_aborts_too(server):
+    url, state = server
+    aborted = state.metrics.aborted
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=LONG_JSON, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=1.0)
+    wait_idle(state, aborted)
 
 
 def test_chat_cli_against_server(server, monkeypatch, capsys):

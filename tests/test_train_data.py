@@ -103,3 +103,16 @@ def test_load_pretrain_from_npy(tmp_path):
     (tmp_path / "d.txt").write_text("text")
     with pytest.raises(ValueError, match="tokenizer"):
         load_pretrain([tmp_path / "d.txt"], seq_len=4, tokenizer=None)
+
+
+def test_text_pretraining_keeps_special_token_text_as_text(tmp_path, k2_tokenizer_dir):
+    from kimi_k2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(k2_tokenizer_dir)
+    (tmp_path / "a.txt").write_text("a document that mentions <|im_end|> in passing " * 3)
+    (tmp_path / "b.txt").write_text("and a second document")
+    rows = load_pretrain([tmp_path / "a.txt", tmp_path / "b.txt"], seq_len=4, tokenizer=tok)
+    ids = rows.tokens.flatten().tolist()
+    assert tok.im_end_id not in ids
+    assert ids.count(tok.eos_id) >= 1  # the documents are separated
+    assert tok.decode(ids).startswith("a document that mentions <|im_end|> in passing")

@@ -66,7 +66,7 @@ def full_run(tmp_path_factory, tokens) -> Path:
     return out
 
 
-def test_smoke_recipe_learns_logs_and_exports(full_run):
+def test_smoke_recipe_learns_logs_and_exports(full_run, tokens):
     log = read_log(full_run)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -80,6 +80,10 @@ def test_smoke_recipe_learns_logs_and_exports(full_run):
     for name, t in model.state_dict().items():
         assert torch.equal(t, ref[name]), name
     assert len(plot_runs([full_run], full_run / "plots")) >= 5
+    # running a finished run again changes nothing (no duplicate log lines, same weights)
+    assert "resumed from" in run_cli(cli(full_run, tokens)).stdout
+    assert read_log(full_run) == log
+    assert all(torch.equal(t, ref[name]) for name, t in final_weights(full_run).items())
 
 
 def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path, tokens, full_run):

@@ -7,6 +7,7 @@ queued, and applied between two steps, so the event loop never waits for a forwa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -25,7 +26,8 @@ class _Stream:
         self.open = n  # samples the step thread has not finished
 
     def put(self, item: CompletionDelta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        with contextlib.suppress(RuntimeError):  # the consumer's event loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class AsyncLLMEngine:

@@ -24,7 +24,7 @@ def per_head_bytes_per_token(config: K2Config, dtype: torch.dtype) -> int:
 class EngineConfig:
     page_size: int = 16  # tokens per cache page
     num_pages: int | None = None  # None: as many as memory_budget_bytes allows (at least one max_model_len)
-    memory_budget_bytes: int = 1 << 30  # for the latent cache, when num_pages is None
+    memory_budget_bytes: int = 256 << 20  # for the latent cache, when num_pages is None
     max_num_seqs: int = 64  # samples in flight per step
     max_num_batched_tokens: int = 2048  # token budget per step (decode tokens + prefill chunks)
     max_model_len: int | None = None  # prompt + completion; None: config.max_position_embeddings

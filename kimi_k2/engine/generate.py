@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
         from kimi_k2.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(args.model)
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=args.max_model_len,
-                                                      memory_budget_bytes=256 << 20))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=args.max_model_len))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n, stop=args.stop)
     try:

@@ -118,7 +118,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seqs = [Sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        seqs = [Sequence(request_id, 0, prompt_ids, params)]
+        seqs += [Sequence(request_id, i, prompt_ids, params, first=seqs[0]) for i in range(1, params.n)]
         streams = [TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = Request(request_id, prompt_ids, params, seqs, streams)
         for seq in seqs:

@@ -48,6 +48,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if bm.enable_prefix_caching and seq.prompt_pending:
+                break  # wait for sample 0's prompt pages instead of computing the same prompt again
             bm.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_grow(seq, n):

@@ -17,9 +17,11 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                 first: Sequence | None = None):
         self.request_id = request_id
         self.index = index
+        self.first = first  # sample 0 of the same request, whose prompt pages samples 1..n-1 reuse
         self.params = params
         self.token_ids = list(prompt_ids)  # prompt + completion
         self.num_prompt_tokens = len(prompt_ids)
@@ -48,6 +50,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def prompt_pending(self) -> bool:
+        """Sample 0 of this request is computing the prompt right now."""
+        f = self.first
+        return f is not None and f.status is SequenceStatus.RUNNING and f.num_computed_tokens < f.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

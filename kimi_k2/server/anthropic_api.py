@@ -16,10 +16,10 @@ from kimi_k2.engine import SamplingParams
 from kimi_k2.server import anthropic_protocol as ap
 from kimi_k2.server import convert
 from kimi_k2.server.errors import APIError, anthropic_error
-from kimi_k2.server.generate import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object, collect
+from kimi_k2.server.generate import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object, collect_unless_gone
 from kimi_k2.server.grammar import lark_grammar
 from kimi_k2.server.openai_api import account
-from kimi_k2.server.state import ServerState, launch, request_id
+from kimi_k2.server.state import ServerState, client_gone, launch, request_id
 
 router = APIRouter()
 TEMPERATURE_SCALE = 0.6
@@ -65,11 +65,14 @@ async def messages(body: ap.MessagesRequest, request: Request):
     params = SamplingParams(max_tokens=st.max_tokens(len(prompt), body.max_tokens), temperature=t * TEMPERATURE_SCALE,
                             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, constraint=constraint)
     gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden)
-    await launch(gen)
+    await launch(st, gen)
     if body.stream:
         return StreamingResponse(stream(st, gen, body.model), media_type="text/event-stream")
-    (s,) = await collect(gen)
+    samples = await collect_unless_gone(gen, request.is_disconnected)
     account(st, gen)
+    if samples is None:
+        return client_gone(st)
+    (s,) = samples
     content = []
     if s.text or not s.calls:
         content.append({"type": "text", "text": s.text})

@@ -21,6 +21,7 @@ from kimi_k2.server.state import ServerState
 
 log = logging.getLogger("kimi_k2.server")
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+API_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens"}
 
 
 def error_json(request: Request, e: APIError) -> JSONResponse:
@@ -28,6 +29,38 @@ def error_json(request: Request, e: APIError) -> JSONResponse:
     body = anthropic_error(e) if anthropic else openai_error(e)
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+class AuthAndCount:
+    """Pure ASGI middleware (so routes still see client disconnects): API key check, request counts by status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, metrics = scope["path"], self.state.metrics
+        label = path if path in API_PATHS else "other"  # bounded label set, no client text in /metrics
+        if self.state.api_key and not path.startswith(OPEN_PATHS):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            given = headers.get("x-api-key") or ""
+            bearer = headers.get("authorization") or ""
+            if bearer.lower().startswith("bearer "):
+                given = given or bearer[7:].strip()
+            if not hmac.compare_digest(given.encode(), self.state.api_key.encode()):
+                metrics.requests[(label, 401)] += 1
+                e = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
+                             code="invalid_api_key")
+                return await error_json(Request(scope), e)(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and not path.startswith(OPEN_PATHS):
+                metrics.requests[(label, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
@@ -46,22 +79,7 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if state.api_key and not path.startswith(OPEN_PATHS):
-            given = request.headers.get("x-api-key") or ""
-            bearer = request.headers.get("authorization") or ""
-            if bearer.lower().startswith("bearer "):
-                given = given or bearer[7:].strip()
-            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-                state.metrics.requests[(path, 401)] += 1
-                return error_json(request, APIError(401, "invalid or missing API key (send 'Authorization: Bearer "
-                                                         "KEY' or 'x-api-key: KEY')", code="invalid_api_key"))
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            state.metrics.requests[(path, response.status_code)] += 1
-        return response
+    app.add_middleware(AuthAndCount, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

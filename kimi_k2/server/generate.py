@@ -8,9 +8,10 @@ grammar in place (any request with tools) that only happens when `max_tokens` cu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -151,6 +152,19 @@ class Generation:
         if plan is None or plan.mode == "none" or name not in plan.tools or (plan.only and name != plan.only):
             return False
         return self.compiler.validates(plan.tools[name], arguments)
+
+
+async def collect_unless_gone(gen: Generation, gone: Callable[[], Awaitable[bool]],
+                              poll_s: float = 0.25) -> list[Sample] | None:
+    """collect(gen), aborting the request when `gone()` (the client disconnected) turns true first."""
+    task = asyncio.ensure_future(collect(gen))
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await gone():
+            task.cancel()  # closes the engine stream: the engine aborts the request and frees its pages
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+    return task.result()
 
 
 async def collect(gen: Generation) -> list[Sample]:

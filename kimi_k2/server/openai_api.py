@@ -13,9 +13,17 @@ from kimi_k2.engine import SamplingParams, TokenLogprob
 from kimi_k2.server import convert
 from kimi_k2.server import openai_protocol as op
 from kimi_k2.server.errors import APIError, openai_error
-from kimi_k2.server.generate import FinishEvent, Generation, LogprobEvent, Sample, TextEvent, ToolEvent, collect
+from kimi_k2.server.generate import (
+    FinishEvent,
+    Generation,
+    LogprobEvent,
+    Sample,
+    TextEvent,
+    ToolEvent,
+    collect_unless_gone,
+)
 from kimi_k2.server.grammar import lark_grammar
-from kimi_k2.server.state import ServerState, launch, request_id
+from kimi_k2.server.state import ServerState, client_gone, launch, request_id
 
 router = APIRouter()
 
@@ -90,15 +98,14 @@ async def chat_completions(body: op.ChatCompletionRequest, request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(st, body, max_tokens, logprobs=logprobs, constraint=constraint)
     gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"), st.hidden)
-    t0 = time.perf_counter()
-    await launch(gen)
-    st.metrics.ttft_sum += time.perf_counter() - t0
-    st.metrics.ttft_count += 1
+    await launch(st, gen)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(chat_stream(st, gen, body.model, include_usage), media_type="text/event-stream")
-    samples = await collect(gen)
+    samples = await collect_unless_gone(gen, request.is_disconnected)
     account(st, gen)
+    if samples is None:
+        return client_gone(st)
     return {"id": gen.request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "choices": [chat_choice(st, i, s, body.logprobs) for i, s in enumerate(samples)], "usage": usage(gen)}
 
@@ -193,14 +200,16 @@ async def completions(body: op.CompletionRequest, request: Request):
     params = sampling(st, body, st.max_tokens(len(prompt), body.max_tokens if body.max_tokens else 16),
                       logprobs=body.logprobs)
     gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, None, request_id("cmpl-"))
-    await launch(gen)
+    await launch(st, gen)
     echo = st.tokenizer.decode(prompt) if body.echo else ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(guarded(st, gen, completion_stream(st, gen, body.model, echo, include_usage)),
                                  media_type="text/event-stream")
-    samples = await collect(gen)
+    samples = await collect_unless_gone(gen, request.is_disconnected)
     account(st, gen)
+    if samples is None:
+        return client_gone(st)
     choices = [{"index": i, "text": echo + s.text, "finish_reason": s.finish.reason if s.finish else "stop",
                 "logprobs": completion_logprobs(st, s.logprobs) if body.logprobs is not None else None}
                for i, s in enumerate(samples)]

@@ -7,6 +7,8 @@ import time
 import uuid
 from collections import Counter
 
+from fastapi import Response
+
 from kimi_k2.server.errors import APIError
 from kimi_k2.server.grammar import GrammarCompiler
 
@@ -89,9 +91,19 @@ def request_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
-async def launch(gen) -> None:
-    """Start a Generation; the engine's submission errors (prompt too long, bad sampling values) become 400s."""
+async def launch(st: ServerState, gen) -> None:
+    """Start a Generation (time to its first token goes to the metrics); the engine's submission errors (prompt too
+    long, bad sampling values) become 400s."""
+    t0 = time.perf_counter()
     try:
         await gen.start()
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded" if "long" in str(e) else None) from None
+    st.metrics.ttft_sum += time.perf_counter() - t0
+    st.metrics.ttft_count += 1
+
+
+def client_gone(st: ServerState) -> Response:
+    """The client disconnected before a non-streaming answer was ready; nobody reads this response."""
+    st.metrics.aborted += 1
+    return Response(status_code=499)

@@ -178,7 +178,9 @@ def load_pretrain(paths: Sequence[Path], seq_len: int, tokenizer: ChatTokenizer 
         return pack_token_array(np.concatenate([np.load(p).astype(np.int64).ravel() for p in npy]), seq_len)
     if tokenizer is None:
         raise ValueError("text pretraining data needs [data] tokenizer = DIR")
-    return pack_stream((tokenizer.encode(d) for d in read_documents(paths)), seq_len, tokenizer.eos_id)
+    # raw text: special-token strings in it stay text, never become control tokens
+    docs = read_documents(paths)
+    return pack_stream((tokenizer.encode(d, allow_special=False) for d in docs), seq_len, tokenizer.eos_id)
 
 
 def load_sft(paths: Sequence[Path], seq_len: int, tokenizer: ChatTokenizer) -> tuple[PackedRows, int]:
