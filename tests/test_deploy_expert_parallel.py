@@ -12,12 +12,13 @@ import torch
 
 from kimi_k2.checkpoint import CheckpointReader
 from kimi_k2.config import K2Config
-from kimi_k2.deploy.expert_parallel import expert_range, load_expert_parallel, shard_experts
+from kimi_k2.deploy.expert_parallel import load_expert_parallel, shard_experts
 from kimi_k2.deploy.loading import load_present
 from kimi_k2.deploy.runner import CachedStepper, greedy_generate
 from kimi_k2.deploy.tensor_parallel import TPMLA, shard_attention
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.attention import MLA
+from kimi_k2.model.expert_parallel import expert_range
 
 PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]  # B*S = 10 tokens: uneven slices over 4 ranks
 NEW_TOKENS = 6

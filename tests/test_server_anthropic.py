@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import httpx
@@ -139,3 +140,22 @@ def test_stop_sequences_and_system(client):
     assert (r.stop_reason, r.stop_sequence) == ("stop_sequence", stop)
     r = client.messages.create(**{**kw, "max_tokens": 5})
     assert r.stop_reason == "max_tokens" and r.usage.output_tokens == 5
+
+
+def test_stream_disconnect_aborts_and_frees_cache(server):
+    url, state = server
+    long_tool = [{"name": "note", "input_schema": {"type": "object", "required": ["t"],
+                                                   "properties": {"t": {"type": "string", "minLength": 300}}}}]
+    body = {"model": MODEL, "max_tokens": 500, "messages": ASK, "tools": long_tool,
+            "tool_choice": {"type": "tool", "name": "note"}, "stream": True}
+    aborted = state.metrics.aborted
+    with httpx.stream("POST", url + "/v1/messages", json=body, headers={"x-api-key": API_KEY}, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(12):
+            next(lines)
+        assert state.engine.stats()["running"] == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (state.engine.stats()["pages_used"] or state.metrics.aborted == aborted):
+        time.sleep(0.05)
+    s = state.engine.stats()
+    assert (s["running"], s["waiting"], s["pages_used"], state.metrics.aborted) == (0, 0, 0, aborted + 1)

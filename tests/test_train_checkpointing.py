@@ -79,3 +79,12 @@ def test_incomplete_checkpoint_dir_is_an_error(tmp_path):
     model, opt = make()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         ck.load_checkpoint(tmp_path / "step", model, opt)
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    model, opt = make()
+    ck.save_checkpoint(tmp_path, 2, model, opt, {"tokens_seen": 1}, keep_last=2)
+    ck.save_checkpoint(tmp_path, 2, model, opt, {"tokens_seen": 2}, keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model, opt)["tokens_seen"] == 2

@@ -194,3 +194,21 @@ def test_bfloat16_autocast_step_tracks_fp32(tmp_path, tokens):
     a, b = f32.train_step(0, track_logits=True), bf16.train_step(0, track_logits=True)
     assert next(bf16.model.parameters()).dtype == torch.float32  # master weights stay fp32
     assert b.loss != a.loss and b.loss == pytest.approx(a.loss, rel=2e-2)
+
+
+def test_fp8_export_loads_and_matches_the_trained_weights(tmp_path, tokens):
+    t = Trainer(recipe(tokens, tmp_path / "e", "train.export_fp8=true"))
+    t.train_step(0, track_logits=True)
+    final = t.export()
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "fp8"
+    loaded = K2ForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    quantized = 0
+    for name, w in t.model.state_dict().items():
+        if torch.equal(loaded[name], w):  # embeddings, head, norms, router, bias: stored as is
+            continue
+        # block FP8 (e4m3, 3 mantissa bits): each weight within 2^-4 of its 128x128 block's amax, <= the tensor's amax
+        assert name.endswith("_proj.weight") or name.endswith("kv_a_proj_with_mqa.weight"), name
+        assert (loaded[name] - w).abs().max() <= w.abs().max() * 2**-4, name
+        quantized += 1
+    assert quantized > 0

@@ -27,7 +27,8 @@ FP8_QUANTIZATION_CONFIG = {
 WEIGHT_FILES = (INDEX_FILE, "config.json")  # plus every *.safetensors: what a save replaces
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -114,8 +115,8 @@ class ShardWriter:
                     (shutil.copytree if old.is_dir() else shutil.copy2)(old, self.tmp / old.name)
         for f in self.tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
-        _fsync(self.tmp)
+                fsync_path(f)
+        fsync_path(self.tmp)
         self._publish()
 
     def _publish(self) -> None:
@@ -125,7 +126,7 @@ class ShardWriter:
             old = self.directory.parent / f".{self.directory.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.directory, old)
         os.replace(self.tmp, self.directory)
-        _fsync(self.directory.parent)
+        fsync_path(self.directory.parent)
         if old is not None:
             shutil.rmtree(old)
 

@@ -39,6 +39,7 @@ class PagedLatentCache:
                                for seq, _ in batch])  # [B, P]
         # slot of every key position t < T (positions past a sequence's end point into page 0; they are masked)
         self.key_slots = (tables[:, :, None] * ps + torch.arange(ps)).flatten(1)[:, :T]  # [B, T]
+        self.read_slots, self.read_shape = self.key_slots.flatten(), (len(batch), T, -1)
         s = torch.arange(S)
         self.valid = s[None] < lens[:, None]  # [B, S]
         # padded query rows repeat the last real position: same keys, finite output, discarded
@@ -55,6 +56,6 @@ class PagedLatentCache:
         self.pool.kv[layer_idx].index_copy_(0, self.write_slots, x)
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.pool.kv[layer_idx][self.key_slots]  # [B, T, R + Dr]
+        x = self.pool.kv[layer_idx].index_select(0, self.read_slots).view(self.read_shape)  # [B, T, R + Dr]
         r = self.pool.kv_lora_rank
         return x[..., :r], x[..., r:], self.mask

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import K2Config
 from .cache import LatentCache
-from .layers import Linear, RMSNorm
-from .rope import apply_rotary_emb
+from .layers import Linear, RMSNorm, derived
+from .rope import rotate
 
 
 class MLA(nn.Module):
@@ -54,19 +54,36 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, D], cos/sin [B, S, rope/2] -> [B, S, D]."""
         B, S, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, S, self.n_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)  # [B, S, H, rope]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        first, kv_a = self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa
+        if torch.is_grad_enabled():
+            q, kv = first(x), kv_a(x)
+        else:  # inference: both projections of x as one matmul over a cached [first; kv_a] weight
+            w, b = derived(self, "_x_proj", [first.weight, first.bias, kv_a.weight, kv_a.bias], self._fused_x_proj)
+            q, kv = F.linear(x, w, b).split_with_sizes([first.out_features, kv_a.out_features], dim=-1)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q_nope, q_pe = q.view(B, S, self.n_heads, -1).split_with_sizes(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        freqs = torch.complex(cos.float(), sin.float())  # [B, S, rope/2]
+        q_pe = rotate(q_pe, freqs)  # [B, S, H, rope]
+        c_kv, k_pe = kv.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, kv_lora_rank]
-        k_pe = apply_rotary_emb(k_pe, cos, sin)  # [B, S, rope]
+        k_pe = rotate(k_pe, freqs)  # [B, S, rope]
         if cache is None:
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe)
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
             out = self._attend_latent(q_nope, q_pe, *cache.read(self.layer_idx))
         return self.o_proj(out.flatten(2).to(x.dtype))
+
+    def _fused_x_proj(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        kv_a = self.kv_a_proj_with_mqa
+        w = torch.cat([first.weight, kv_a.weight])
+        if first.bias is None and kv_a.bias is None:
+            return w, None
+        zeros = w.new_zeros(first.out_features if first.bias is None else kv_a.out_features)
+        return w, torch.cat([zeros if first.bias is None else first.bias, zeros if kv_a.bias is None else kv_a.bias])
 
     def _attend_full(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
@@ -93,16 +110,27 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Absorbed attention over the cache: c_all [B, T, C], kpe_all [B, T, rope], mask [B, S, T] -> [B, S, H, v].
 
-        Computed in fp32: W_UK [H, nope, C] and W_UV [H, v, C] are views of kv_b_proj.weight.
+        Computed in fp32 with per-head batched matmuls: W_UK [H, nope, C] and W_UV^T [H, C, v] are (fp32 views of)
+        kv_b_proj.weight, cached for inference until it changes.
         """
-        w = self.kv_b_proj.weight.float().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
-        c_all, kpe_all = c_all.float(), kpe_all.float()
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)
-        scores = torch.einsum("bshc,btc->bsht", q_lat, c_all) + torch.einsum("bshr,btr->bsht", q_pe.float(), kpe_all)
-        scores = scores * self.softmax_scale + mask[:, :, None, :].float()  # [B, S, H, T]
+        B, S, H, _ = q_nope.shape
+        w_uk, w_uv_t = self._absorbed() if torch.is_grad_enabled() else \
+            derived(self, "_w_absorb", [self.kv_b_proj.weight], self._absorbed)
+        if c_all.dtype != torch.float32 or q_nope.dtype != torch.float32:
+            c_all, kpe_all, q_nope, q_pe = c_all.float(), kpe_all.float(), q_nope.float(), q_pe.float()
+        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
+        q_lat = q_lat.transpose(0, 1).reshape(B, S * H, -1)
+        # scale * (q_pe . k_pe + q_lat . c): one bmm into the other
+        scores = torch.baddbmm(torch.bmm(q_pe.reshape(B, S * H, -1), kpe_all.transpose(1, 2)),
+                               q_lat, c_all.transpose(1, 2), beta=self.softmax_scale, alpha=self.softmax_scale)
+        scores = scores.view(B, S, H, -1) + mask[:, :, None, :]  # [B, S, H, T]
         if self.track_max_logits:
             self.max_logits = scores.detach().amax(dim=(0, 1, 3))
         probs = scores.softmax(dim=-1)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, c_all)
-        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
+        o_lat = torch.bmm(probs.view(B, S * H, -1), c_all)  # [B, S*H, C]
+        out = torch.bmm(o_lat.view(B * S, H, -1).transpose(0, 1), w_uv_t)  # [H, B*S, v]
+        return out.transpose(0, 1).view(B, S, H, -1)
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.float().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :].transpose(1, 2)

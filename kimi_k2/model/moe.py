@@ -76,7 +76,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.aux_loss_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size, fuse=False)
                                      for _ in range(self.n_experts))
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * (config.n_shared_experts or 1))
         self.last_expert_load: torch.Tensor | None = None  # [E] int64: tokens routed to each expert, last forward
@@ -88,23 +88,32 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
         ids = indices.flatten()  # [N*k]
-        counts = torch.bincount(ids, minlength=self.n_experts)
-        self.last_expert_load = counts.detach()
-        # group the (token, slot) pairs by expert; run each active expert once over all its tokens
+        if flat.shape[0] == 1:  # one token (single-stream decode): just its k (distinct) experts, no grouping
+            self.last_expert_load = torch.zeros(self.n_experts, dtype=torch.long, device=ids.device).index_fill_(
+                0, ids, 1)
+            routed = torch.cat([self.experts[e](flat) for e in ids.tolist()])  # [k, D]
+            y = torch.mm(weights, routed.float()).view(B, S, D)  # sum_k w_k e_k(x)
+        else:
+            self.last_expert_load = torch.bincount(ids, minlength=self.n_experts).detach()
+            y = self._grouped(flat, weights, ids).view(B, S, D)
+        self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
+            if self.training and self.aux_loss_alpha > 0 else None
+        return y.to(x.dtype) + self.shared_experts(x)
+
+    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Group the (token, slot) pairs by expert and run each active expert once over all its tokens -> [N, D]."""
+        D = flat.shape[1]
         order = ids.argsort(stable=True)
         token_of = order // self.top_k
         out = flat.new_empty(ids.shape[0], D)  # expert outputs in expert order
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(self.last_expert_load.tolist()):
             if n:
                 out[start : start + n] = self.experts[e](flat[token_of[start : start + n]])
                 start += n
         routed = torch.empty_like(out)
         routed[order] = out  # back to (token, slot) order: a permutation, so no scatter-add is needed
-        y = torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).view(B, S, D)  # sum_k w_k e_k(x)
-        self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
-            if self.training and self.aux_loss_alpha > 0 else None
-        return y.to(x.dtype) + self.shared_experts(x)
+        return torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).squeeze(1)  # sum_k w_k e_k(x)
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.

@@ -53,9 +53,9 @@ class K2Model(nn.Module):
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [B, S], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
-                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        lo, hi = (int(t) for t in torch.aminmax(input_ids)) if input_ids.numel() else (0, 0)
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): min {lo}, max {hi}")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         elif positions.shape != input_ids.shape:

@@ -32,9 +32,10 @@ def check_model_dir(model: str) -> Path | None:
     if (d / "config.json").is_file():
         return d
     print(f"kimi-k2 serve: no model at {d} (no config.json there). Pass --model DIR with a Kimi-format model "
-          f"directory (config.json, *.safetensors, tiktoken.model, tokenizer_config.json): train one with "
-          f"`kimi-k2 train --config RECIPE.toml` (see recipes/), or convert a Hugging Face Kimi K2 checkpoint with "
-          f"`kimi-k2 convert`.", file=sys.stderr)
+          f"directory (config.json, *.safetensors, tiktoken.model, tokenizer_config.json): train K2-Nano with "
+          f"`kimi-k2 train --config recipes/k2-nano-instruct.toml` (after its base recipe; see recipes/) and pass "
+          f"its final checkpoint directory, or convert a Hugging Face Kimi K2 checkpoint with `kimi-k2 convert`.",
+          file=sys.stderr)
     return None
 
 

@@ -1,9 +1,9 @@
 """Training checkpoints: atomic, the last N kept, everything needed to resume bit for bit.
 
-Layout: OUT/checkpoints/step_{step:08d}/{model.pt, optimizer.pt, state.pt} (expert parallel: one model.rank{r}.pt and
-optimizer.rank{r}.pt per rank). A checkpoint is written into a hidden
-temp folder beside it, every file and the folder are fsynced, then the folder is renamed into place (rename is
-atomic on POSIX), so a process killed mid-save never leaves a folder named step_* that is incomplete.
+Layout: OUT/checkpoints/step_{step:08d}/{model.pt, optimizer.pt, state.pt} (expert parallel: model.rank{r}.pt and
+optimizer.rank{r}.pt per rank instead). A checkpoint is written into a hidden temp folder beside it, every file and
+the folder are fsynced, then the folder is renamed into place (rename is atomic on POSIX), so a process killed
+mid-save never leaves a folder named step_* that is incomplete.
 """
 
 from __future__ import annotations
@@ -18,15 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kimi_k2.checkpoint.writer import fsync_path
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,11 +77,14 @@ def commit_checkpoint(root: str | Path, step: int, tmp: Path, keep_last: int) ->
     """fsync the temp folder, rename it to step_{step}, prune all but the last keep_last checkpoints."""
     ckpts = Path(root) / "checkpoints"
     final = ckpts / f"step_{step:08d}"
-    _fsync_path(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    fsync_path(tmp)
+    stale = ckpts / f".old_step_{step:08d}"
+    if final.exists():  # re-saving a step: move the old copy aside first, so a complete step_* always exists
+        os.rename(final, stale)
     os.rename(tmp, final)
-    _fsync_path(ckpts)
+    fsync_path(ckpts)
+    if stale.exists():
+        shutil.rmtree(stale)
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     return final

@@ -7,6 +7,8 @@ owner rank.
 Single node:  torchrun --nproc-per-node N -m kimi_k2.cli train --config recipe.toml
 Multi node:   torchrun --nnodes M --node-rank R --nproc-per-node N --rdzv-backend c10d \
                   --rdzv-endpoint HOST0:29500 -m kimi_k2.cli train --config recipe.toml
+Checkpoints are written by rank 0 (by every rank under expert parallelism) into train.out_dir, so across machines
+out_dir must be on a filesystem every node sees for a run to resume.
 """
 
 from __future__ import annotations

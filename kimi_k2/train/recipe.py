@@ -1,17 +1,17 @@
 """Training recipe: a TOML file with [model], [data], [optim], [schedule] and [train] sections.
 
-Unknown sections or keys are errors naming the key. Relative paths are resolved against the recipe file's folder.
+Unknown sections or keys are errors naming the key. Relative input paths (data, tokenizer, model config, init_from)
+are resolved against the recipe file's folder; train.out_dir is relative to the working directory.
 `overrides` like "train.lr=3e-4" (TOML values) are applied before validation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from kimi_k2.config import K2Config
 from kimi_k2.train.schedules import Schedule

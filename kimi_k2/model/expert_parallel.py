@@ -1,0 +1,110 @@
+"""Expert parallelism: rank r of W keeps routed experts [r E/W, (r+1) E/W) of a MoE block (E % W == 0).
+
+Per forward (DeepSeek-V3 / GShard dispatch and combine), the router and shared expert being replicated:
+    route the local tokens, sort the (token, slot) pairs by expert -- hence by owning rank, since ranges are contiguous
+    all_to_all the per-expert counts, then the hidden states (autograd-aware: backward is the reverse all_to_all)
+    run each local expert once over all rows it received, all_to_all the outputs back
+    y_t = sum_k w_tk expert_k(x_t) (fp32, as `MoE`) + shared(x_t)
+Two ways to feed it:
+- training (data parallel): every rank has its own tokens and dispatches all of them;
+- inference (`same_input=True`): every rank holds the same tokens (replicated or head-parallel attention), so each
+  dispatches only its 1/W slice and the slices are all-gathered afterwards.
+Expert modules keep their global names (`experts.{e}`), so a rank's state dict is a slice of the full checkpoint's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from .moe import MoE
+
+
+def expert_range(n_experts: int, rank: int, world: int) -> range:
+    """The global ids of the experts rank `rank` of `world` owns."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of size {world}")
+    if n_experts % world:
+        raise ValueError(f"n_routed_experts={n_experts} is not divisible by the expert-parallel world size {world}")
+    per = n_experts // world
+    return range(rank * per, (rank + 1) * per)
+
+
+class ExpertParallelMoE(nn.Module):
+    def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                 same_input: bool = False) -> None:
+        super().__init__()
+        self.local = expert_range(moe.n_experts, rank, world)
+        self.n_experts, self.top_k, self.aux_loss_alpha = moe.n_experts, moe.top_k, moe.aux_loss_alpha
+        self.rank, self.world, self.group, self.same_input = rank, world, group, same_input
+        self.gate = moe.gate
+        self.experts = nn.ModuleDict({str(e): moe.experts[e] for e in self.local})
+        self.shared_experts = moe.shared_experts
+        self.last_expert_load: torch.Tensor | None = None  # [E]: this rank's tokens per expert, last forward
+        self.aux_loss: torch.Tensor | None = None
+
+    _balance_loss = MoE._balance_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]; every rank of the group must call it the same number of times."""
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)
+        if not self.same_input:
+            y, indices, scores = self._dispatch_combine(flat)
+            self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
+                if self.training and self.aux_loss_alpha > 0 else None
+        else:
+            N = flat.shape[0]
+            chunk = -(-N // self.world)
+            y = self._dispatch_combine(flat[self.rank * chunk : (self.rank + 1) * chunk])[0]
+            y = torch.cat([y, y.new_zeros(chunk - y.shape[0], D)])
+            parts = [torch.empty_like(y) for _ in range(self.world)]
+            dist.all_gather(parts, y, group=self.group)
+            y = torch.cat(parts)[:N]
+        return y.to(x.dtype).view(B, S, D) + self.shared_experts(x)
+
+    def _dispatch_combine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, D] -> (sum_k w_k expert_k(x) [n, D] fp32, expert ids [n, k], router scores [n, E])."""
+        W, El, D = self.world, len(self.local), x.shape[1]
+        weights, indices, scores = self.gate(x)
+        ids = indices.flatten()  # [n*k]
+        counts = torch.bincount(ids, minlength=self.n_experts)  # [E]
+        self.last_expert_load = counts.detach()
+        order = ids.argsort(stable=True)
+        token_of = order // self.top_k
+        # recv_counts.view(W, El)[s, j]: rows rank s sends to this rank's local expert j
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        send_splits = counts.view(W, El).sum(dim=1).tolist()
+        recv_splits = recv_counts.view(W, El).sum(dim=1).tolist()
+        recv = dist_nn.all_to_all_single(x.new_empty(sum(recv_splits), D), x[token_of], recv_splits, send_splits,
+                                         group=self.group)
+        # rows arrive by source rank, then by expert: regroup by expert, run each once, restore the arrival order
+        expert_of = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(W), recv_counts)
+        perm = expert_of.argsort(stable=True)
+        grouped = recv[perm]
+        outs, start = [], 0
+        for j, n in enumerate(torch.bincount(expert_of, minlength=El).tolist()):
+            if n:
+                outs.append(self.experts[str(self.local[j])](grouped[start : start + n]))
+                start += n
+        out = torch.cat(outs)[perm.argsort()] if outs else grouped
+        back = dist_nn.all_to_all_single(x.new_empty(len(token_of), D), out, send_splits, recv_splits,
+                                         group=self.group)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y.index_add_(0, token_of, (back * weights.flatten()[order][:, None]).float())
+        return y, indices, scores
+
+
+def shard_experts(model: nn.Module, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                  same_input: bool = False) -> nn.Module:
+    """Replace every `MoE` of a K2ForCausalLM (best built on the meta device) by rank's `ExpertParallelMoE`."""
+    n_experts = model.config.n_routed_experts
+    if n_experts is not None:
+        expert_range(n_experts, rank, world)  # validates before anything changes
+    for block in model.model.layers:
+        if isinstance(block.mlp, MoE):
+            block.mlp = ExpertParallelMoE(block.mlp, rank, world, group, same_input)
+    return model
