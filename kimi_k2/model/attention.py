@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import K2Config
 from .cache import LatentCache
-from .layers import Linear, RMSNorm, derived
-from .rope import rotate
+from .layers import Linear, RMSNorm, derived, fused_t, linear_t, use_cache
+from .rope import apply_rotary_emb
 
 
 class MLA(nn.Module):
@@ -55,35 +55,29 @@ class MLA(nn.Module):
         """x [B, S, D], cos/sin [B, S, rope/2] -> [B, S, D]."""
         B, S, _ = x.shape
         first, kv_a = self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa
-        if torch.is_grad_enabled():
+        if not use_cache(first.weight, kv_a.weight, None if self.q_lora_rank is None else self.q_b_proj.weight):
             q, kv = first(x), kv_a(x)
-        else:  # inference: both projections of x as one matmul over a cached [first; kv_a] weight
-            w, b = derived(self, "_x_proj", [first.weight, first.bias, kv_a.weight, kv_a.bias], self._fused_x_proj)
-            q, kv = F.linear(x, w, b).split_with_sizes([first.out_features, kv_a.out_features], dim=-1)
-        if self.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            if self.q_lora_rank is not None:
+                q = self.q_b_proj(self.q_a_layernorm(q))
+        else:  # small-width inference: cached transposed weights (`linear_t`), both projections of x in one matmul
+            q, kv = linear_t(x, *fused_t(self, "_x_proj_t", first, kv_a)).split_with_sizes(
+                [first.out_features, kv_a.out_features], dim=-1)
+            if self.q_lora_rank is not None:
+                q = linear_t(self.q_a_layernorm(q), *fused_t(self, "_q_b_t", self.q_b_proj))
         q_nope, q_pe = q.view(B, S, self.n_heads, -1).split_with_sizes(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        freqs = torch.complex(cos.float(), sin.float())  # [B, S, rope/2]
-        q_pe = rotate(q_pe, freqs)  # [B, S, H, rope]
+        freqs = torch.complex(cos, sin) if cos.dtype == torch.float32 else None  # [B, S, rope/2], shared by q, k
+        q_pe = apply_rotary_emb(q_pe, cos, sin, freqs)  # [B, S, H, rope]
         c_kv, k_pe = kv.split_with_sizes([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, kv_lora_rank]
-        k_pe = rotate(k_pe, freqs)  # [B, S, rope]
+        k_pe = apply_rotary_emb(k_pe, cos, sin, freqs)  # [B, S, rope]
         if cache is None:
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe)
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
             out = self._attend_latent(q_nope, q_pe, *cache.read(self.layer_idx))
-        return self.o_proj(out.flatten(2).to(x.dtype))
-
-    def _fused_x_proj(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        kv_a = self.kv_a_proj_with_mqa
-        w = torch.cat([first.weight, kv_a.weight])
-        if first.bias is None and kv_a.bias is None:
-            return w, None
-        zeros = w.new_zeros(first.out_features if first.bias is None else kv_a.out_features)
-        return w, torch.cat([zeros if first.bias is None else first.bias, zeros if kv_a.bias is None else kv_a.bias])
+        out = out.flatten(2).to(x.dtype)
+        return linear_t(out, *fused_t(self, "_o_t", self.o_proj)) if use_cache(self.o_proj.weight) else self.o_proj(out)
 
     def _attend_full(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
@@ -111,11 +105,11 @@ class MLA(nn.Module):
         """Absorbed attention over the cache: c_all [B, T, C], kpe_all [B, T, rope], mask [B, S, T] -> [B, S, H, v].
 
         Computed in fp32 with per-head batched matmuls: W_UK [H, nope, C] and W_UV^T [H, C, v] are (fp32 views of)
-        kv_b_proj.weight, cached for inference until it changes.
+        kv_b_proj.weight, cached for small-width inference until it changes.
         """
         B, S, H, _ = q_nope.shape
-        w_uk, w_uv_t = self._absorbed() if torch.is_grad_enabled() else \
-            derived(self, "_w_absorb", [self.kv_b_proj.weight], self._absorbed)
+        w_uk, w_uv_t = derived(self, "_w_absorb", [self.kv_b_proj.weight], self._absorbed) \
+            if use_cache(self.kv_b_proj.weight) else self._absorbed()
         if c_all.dtype != torch.float32 or q_nope.dtype != torch.float32:
             c_all, kpe_all, q_nope, q_pe = c_all.float(), kpe_all.float(), q_nope.float(), q_pe.float()
         q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_uk)  # [H, B*S, C]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import K2Config
-from .layers import MLP
+from .layers import MLP, derived, linear_t, use_cache
 
 
 class Gate(nn.Module):
@@ -48,7 +48,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32 (unbiased, for the balance loss)."""
-        logits = F.linear(x.float(), self.weight.float())
+        if use_cache(self.weight):
+            wt = derived(self, "_w_t", [self.weight], lambda: self.weight.float().t().contiguous())  # [D, E]
+            logits = linear_t(x.float(), wt)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():
             biased = scores + self.e_score_correction_bias

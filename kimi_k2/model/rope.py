@@ -69,19 +69,22 @@ class RotaryEmbedding:
         return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, d] or [B, S, d] (interleaved pairs), cos/sin [B, S, d/2] -> x rotated, same shape and layout."""
-    return rotate(x, torch.complex(cos.float(), sin.float()))
+def apply_rotary_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [B, S, H, d] or [B, S, d] (interleaved pairs), cos/sin [B, S, d/2] -> x rotated, same shape and layout.
 
-
-def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, d] or [B, S, d] times freqs = cos + j*sin [B, S, d/2] (complex64): one complex multiply.
-
-    (x0 + j x1)(cos + j sin) = (x0 cos - x1 sin) + j (x0 sin + x1 cos); computed in fp32, returned in x.dtype.
+    (x0 + j x1)(cos + j sin) = (x0 cos - x1 sin) + j (x0 sin + x1 cos). In fp32 it is one complex multiply by
+    freqs = cos + j sin [B, S, d/2] (pass it to share it between calls); other dtypes compute in x.dtype, as HF does.
     """
     if x.ndim == 4:
-        freqs = freqs[:, :, None]
-    h = x.float()
-    if h.stride(-1) != 1 or h.storage_offset() % 2 or any(s % 2 for s in h.stride()[:-1]):
-        h = h.contiguous()  # view_as_complex needs (re, im) pairs adjacent and pair-aligned
-    return torch.view_as_real(torch.view_as_complex(h.unflatten(-1, (-1, 2))) * freqs).flatten(-2).to(x.dtype)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        freqs = None if freqs is None else freqs[:, :, None]
+    if x.dtype != torch.float32 or cos.dtype != torch.float32:
+        pairs = x.unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs (re, im) pairs adjacent and pair-aligned
+    freqs = torch.complex(cos, sin) if freqs is None else freqs
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * freqs).flatten(-2)
