@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_load.py [--dir /tmp/k2-bench-ckpt] [--repeats 3]
 
 Writes (once, streaming) a multi-shard block-FP8 checkpoint of a K2-shaped model with a few layers, then runs each
-loader in a fresh subprocess and reports wall time and peak RSS (getrusage ru_maxrss) above the RSS after imports:
+loader in a fresh subprocess and reports wall time and peak RSS (/proc/self/status VmHWM) above the RSS after imports:
 - lazy:  load_into(meta model, dir, dtype=bf16): safe_open shard by shard, tensor by tensor;
 - eager: safetensors.torch.load_file of every shard into one dict, dequantize every fp8 weight, then
          model.load_state_dict(..., assign=True) (what a naive loader does).
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,7 +118,8 @@ def child(kind: str, directory: Path) -> None:
         eager_load(model, directory)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     model_bytes = sum(t.nbytes for t in model.state_dict().values())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM: this address space's peak RSS (ru_maxrss would also count the forking parent's RSS, kept across exec)
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
     print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_extra": peak - base, "model_bytes": model_bytes}))
 
 

@@ -433,7 +433,7 @@ def test_load_into_materialized_model_in_place(saved: Path) -> None:
 
 
 _RSS_CHILD = """
-import json, resource, sys, psutil, torch
+import json, sys, psutil, torch
 from torch import nn
 from kimi_k2.checkpoint import CheckpointReader, load_into
 reader = CheckpointReader(sys.argv[1])
@@ -445,7 +445,8 @@ with torch.device("meta"):
         getattr(root, module).register_parameter(leaf, nn.Parameter(torch.empty(reader.shape(name))))
 base = psutil.Process().memory_info().rss
 load_into(root, sys.argv[1], dtype=torch.bfloat16)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this address space's peak; ru_maxrss would also count the forked parent's RSS kept across exec
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
 print(json.dumps({"extra": peak - base, "model": sum(p.nbytes for p in root.parameters())}))
 """
 

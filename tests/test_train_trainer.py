@@ -45,6 +45,14 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def logged_steps(run: Path) -> int:
+    """The last training step a running job has logged (complete lines only: the file may be mid-write)."""
+    path = run / "log.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()[: text.count("\n")]
+    return max((json.loads(line).get("step", 0) for line in lines), default=0)
+
+
 def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -91,11 +99,13 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path, token
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cli(out, tokens), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out / "checkpoints" / "step_00000004"
+    kill_after = random.randint(4, 10)  # a random step after the first checkpoint, before the last step (12)
     deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if first.exists() and logged_steps(out) >= kill_after:
+            break
+        time.sleep(0.002)
     assert first.exists(), "no checkpoint appeared before the run ended"
-    time.sleep(random.uniform(0.0, 0.5))  # somewhere between steps 4 and 12
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

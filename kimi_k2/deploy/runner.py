@@ -4,7 +4,7 @@ With expert parallelism every forward is a collective, so all ranks must run the
 The driver calls `DistributedRunner.step(payload)`: the payload (any picklable step description: token ids,
 positions, block tables) is broadcast, then every rank runs `step_fn(payload)`. Workers sit in `serve()` until the
 driver calls `shutdown()`. `CachedStepper` is a step_fn over a contiguous latent cache (greedy generation);
-a serving engine would pass a step_fn that rebuilds its paged-cache batch from the payload instead.
+the serving engine's is `ModelRunner.forward` over its paged latent pool (`serve_ep.py`).
 """
 
 from __future__ import annotations

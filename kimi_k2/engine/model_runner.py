@@ -1,12 +1,19 @@
 """One engine step on the model: decode rows (1 token each) and prefill chunks run as separate padded forwards,
-both through the paged latent cache; logits only for the sequences whose last token was computed."""
+both through the paged latent cache; logits only for the sequences whose last token was computed.
+
+`run` turns the scheduled sequences into plain `Row`s and hands them to `forward_fn`: `forward` in this process, or,
+when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.step`, which broadcasts the rows so
+every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache
+from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
 
 
@@ -14,31 +21,29 @@ class ModelRunner:
     def __init__(self, model: nn.Module, pool: LatentPool):
         self.model = model
         self.pool = pool
+        self.forward_fn: Callable[[list[list[Row]]], torch.Tensor] = self.forward
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute `n` more tokens of each (seq, n) -> (sequences to sample, fp32 logits [len, vocab])."""
-        decode = [(seq, n) for seq, n in batch if n == 1]
-        prefill = [(seq, n) for seq, n in batch if n > 1]
-        seqs: list[Sequence] = []
-        logits: list[torch.Tensor] = []
-        for group in (decode, prefill):
-            if group:
-                s, x = self._forward(group)
-                if s:
-                    seqs += s
-                    logits.append(x)
-        return seqs, torch.cat(logits) if logits else torch.empty(0)
+        groups = [g for g in ([(s, n) for s, n in batch if n == 1], [(s, n) for s, n in batch if n > 1]) if g]
+        if not groups:
+            return [], torch.empty(0)
+        rows = [[Row(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
+                     seq.block_table, seq.num_computed_tokens + n == len(seq)) for seq, n in g] for g in groups]
+        seqs = [seq for g in groups for seq, n in g if seq.num_computed_tokens + n == len(seq)]
+        return seqs, self.forward_fn(rows)
 
-    def _forward(self, group: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        cache = PagedLatentCache(self.pool, group)
+    @torch.inference_mode()
+    def forward(self, groups: list[list[Row]]) -> torch.Tensor:
+        """One padded forward per group -> fp32 logits [rows with `last`, vocab], in group then row order."""
+        return torch.cat([self._forward(rows) for rows in groups])
+
+    def _forward(self, rows: list[Row]) -> torch.Tensor:
+        cache = PagedLatentCache(self.pool, rows)
         S = cache.positions.shape[1]
-        input_ids = torch.tensor([seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n] + [0] * (S - n)
-                                  for seq, n in group])  # [B, S]
+        input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows])  # [B, S]
         hidden = self.model.model(input_ids, cache.positions, cache)  # [B, S, D]
-        rows = [b for b, (seq, n) in enumerate(group) if seq.num_computed_tokens + n == len(seq)]
-        if not rows:
-            return [], hidden.new_empty(0, 0)
-        last = torch.tensor([group[b][1] - 1 for b in rows])
-        logits = self.model.lm_head(hidden[torch.tensor(rows), last]).float()  # [M, vocab]
-        return [group[b][0] for b in rows], logits
+        last = [b for b, r in enumerate(rows) if r.last]
+        ends = torch.tensor([len(rows[b].input_ids) - 1 for b in last], dtype=torch.long)
+        return self.model.lm_head(hidden[torch.tensor(last, dtype=torch.long), ends]).float()  # [M, vocab]

@@ -6,10 +6,21 @@ Per layer one tensor [num_pages * page_size, kv_lora_rank + qk_rope_head_dim]: r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kimi_k2.config import K2Config
-from kimi_k2.engine.sequence import Sequence
+
+
+@dataclass
+class Row:
+    """What one forward needs of one sequence (plain data, so it can be broadcast to other ranks)."""
+
+    input_ids: list[int]  # the tokens to compute now
+    num_computed_tokens: int  # position of input_ids[0]: tokens before it are in the cache
+    block_table: list[int]  # the sequence's page ids, covering at least num_computed_tokens + len(input_ids)
+    last: bool  # input_ids end at the sequence's last token: its logits are wanted
 
 
 class LatentPool:
@@ -26,17 +37,17 @@ class LatentPool:
 
 
 class PagedLatentCache:
-    """One forward's view of the pool: sequence b computes tokens [start_b, start_b + n_b) (rows padded to S)."""
+    """One forward's view of the pool: row b computes tokens [start_b, start_b + n_b) (rows padded to S)."""
 
-    def __init__(self, pool: LatentPool, batch: list[tuple[Sequence, int]]):
+    def __init__(self, pool: LatentPool, batch: list[Row]):
         self.pool = pool
         ps = pool.page_size
-        starts = torch.tensor([seq.num_computed_tokens for seq, _ in batch])  # [B]
-        lens = torch.tensor([n for _, n in batch])  # [B]
+        starts = torch.tensor([r.num_computed_tokens for r in batch])  # [B]
+        lens = torch.tensor([len(r.input_ids) for r in batch])  # [B]
         S, T = int(lens.max()), int((starts + lens).max())
         num_pages = -(-T // ps)
-        tables = torch.tensor([seq.block_table[:num_pages] + [0] * (num_pages - len(seq.block_table[:num_pages]))
-                               for seq, _ in batch])  # [B, P]
+        tables = torch.tensor([r.block_table[:num_pages] + [0] * (num_pages - len(r.block_table[:num_pages]))
+                               for r in batch])  # [B, P]
         # slot of every key position t < T (positions past a sequence's end point into page 0; they are masked)
         self.key_slots = (tables[:, :, None] * ps + torch.arange(ps)).flatten(1)[:, :T]  # [B, T]
         self.read_slots, self.read_shape = self.key_slots.flatten(), (len(batch), T, -1)

@@ -1,4 +1,8 @@
-"""`kimi-k2 serve`: the OpenAI- and Anthropic-compatible HTTP server over one model directory (uvicorn)."""
+"""`kimi-k2 serve`: the OpenAI- and Anthropic-compatible HTTP server over one model directory (uvicorn).
+
+With `--ep N` under torchrun the routed experts are split over N ranks (`kimi_k2.deploy.serve_ep`):
+    torchrun --nproc-per-node N -m kimi_k2.cli serve --ep N --model DIR ...
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion budget of requests that set none (default: the rest of the context)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="weight dtype")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
+                        "--ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
     p.add_argument("--log-level", default="info")
 
 
@@ -43,18 +51,34 @@ def run(args: argparse.Namespace) -> int:
     d = check_model_dir(args.model)
     if d is None:
         return 2
-    import uvicorn
+    if not (d / "tiktoken.model").is_file():
+        print(f"kimi-k2 serve: {d} has no tokenizer (tiktoken.model)", file=sys.stderr)
+        return 2
+    import torch
 
-    from kimi_k2.engine import AsyncLLMEngine, EngineConfig, LLMEngine
-    from kimi_k2.server.app import build_app
-    from kimi_k2.server.state import ServerState
+    from kimi_k2.engine import EngineConfig, LLMEngine
 
     overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
                  if v is not None}
-    engine = LLMEngine.from_pretrained(d, config=EngineConfig(**overrides))
-    if engine.tokenizer is None:
-        print(f"kimi-k2 serve: {d} has no tokenizer (tiktoken.model)", file=sys.stderr)
+    config, dtype = EngineConfig(**overrides), getattr(torch, args.dtype)
+    if args.ep is None:
+        return serve(args, d, LLMEngine.from_pretrained(d, config=config, dtype=dtype))
+    from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
+
+    if (error := launch_error(args.ep)) is not None:
+        print(f"kimi-k2 serve: {error}", file=sys.stderr)
         return 2
+    return run_expert_parallel(d, config, dtype, lambda engine: serve(args, d, engine))
+
+
+def serve(args: argparse.Namespace, d: Path, engine) -> int:
+    """Serve `engine` over HTTP until uvicorn stops (SIGINT/SIGTERM drain in-flight requests first)."""
+    import uvicorn
+
+    from kimi_k2.engine import AsyncLLMEngine
+    from kimi_k2.server.app import build_app
+    from kimi_k2.server.state import ServerState
+
     names = args.served_model_name or [d.resolve().name]
     state = ServerState(AsyncLLMEngine(engine), engine.tokenizer, names, engine.model_config.vocab_size,
                         args.api_key, args.default_max_tokens)
