@@ -222,3 +222,16 @@ def test_fp8_export_loads_and_matches_the_trained_weights(tmp_path, tokens):
         assert (loaded[name] - w).abs().max() <= w.abs().max() * 2**-4, name
         quantized += 1
     assert quantized > 0
+
+
+def test_tensorboard_logs_the_same_scalars_as_the_jsonl(tmp_path, tokens):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    Trainer(recipe(tokens, out, "train.tensorboard=true", "schedule.total_steps=4", "train.log_every=1")).fit()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [r for r in read_log(out) if "loss" in r]
+    got = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in got] == [r["step"] for r in logged]
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
