@@ -9,7 +9,7 @@ MODEL ?= models/k2-nano-instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-slow lint
+.PHONY: install serve test test-slow lint nano
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,3 +30,8 @@ test: lint
 
 test-slow: lint
 	$(PY) -m pytest -q -p no:cacheprovider --run-slow
+
+# Rebuild models/k2-nano-{base,instruct} from nothing (corpus, synthetic chats, tokenizer, pretrain, SFT, FP8 export).
+# BASE_STEPS=N SFT_STEPS=M make nano for a longer or shorter run.
+nano: install
+	scripts/build_nano.sh

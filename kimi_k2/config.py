@@ -331,6 +331,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kimi-k2-instruct-0905": KIMI_K2_INSTRUCT_0905,
     # unit tests: every feature, tiny widths
     "k2-tiny": _small(),
+    # the shipped models/k2-nano-*: every K2 feature at 5.1M parameters (3.8M active), vocab 6144 BPE + 256 specials
+    "k2-nano": _small(
+        vocab_size=6400, bos_token_id=6144, eos_token_id=6145, hidden_size=192, intermediate_size=512,
+        moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=4096,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
     # benchmarks: the K2 shape at a few tens of millions of parameters
     "k2-small": _small(
         vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=4,

@@ -52,6 +52,9 @@ def test_score_turn_tool_accuracy():
     conv = {"name": "convert_units", "arguments": {"value": 7, "from_unit": "m", "to_unit": "ft"}}
     made = [("convert_units", '{"to_unit": "ft", "value": 7.0, "from_unit": "m"}'), ("get_weather", '{"city":"Oslo"}')]
     assert scoring.score_turn(made, "", [WEATHER, conv], exp, OFFERED).args_correct
+    # an integer beyond float range is scored as wrong, not a crash of the whole eval
+    huge = [("convert_units", json.dumps({"value": 10**400, "from_unit": "m", "to_unit": "ft"}))]
+    assert not scoring.score_turn(huge, "", [conv], exp, OFFERED).args_correct
 
 
 def _record(task, kind, sample, success, turns):

@@ -78,7 +78,10 @@ def _canon(value):
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, (int, float)):
-        return float(f"{float(value):.6g}")
+        try:
+            return float(f"{float(value):.6g}")
+        except OverflowError:  # an integer beyond float range (models do write those): compare it exactly
+            return str(value)
     if isinstance(value, str):
         return "".join(value.casefold().split())
     if isinstance(value, list):
