@@ -18,28 +18,15 @@ import argparse
 import os
 import platform
 import random
-import time
-from collections.abc import Callable
 
 import torch
 import transformers
+from timing import best_of
 
 from kimi_k2.config import K2Config
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
 from kimi_k2.engine.bench import load_model
 from kimi_k2.engine.config import latent_bytes_per_token, per_head_bytes_per_token
-
-
-def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float, object]]:
-    """name -> (best wall s, best cpu s, last result), rounds interleaved so machine load hits all alike."""
-    best = {k: (float("inf"), float("inf"), None) for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            out = fn()
-            w, c = time.perf_counter() - w, time.process_time() - c
-            best[k] = (min(best[k][0], w), min(best[k][1], c), out)
-    return best
 
 
 def main() -> None:

@@ -14,30 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
-from collections.abc import Callable
 
 import torch
 import transformers
+from timing import best_of
 
 from kimi_k2.config import K2Config
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.dense_cache import DenseLatentCache
-
-
-def _race(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float, object]]:
-    """Best (wall s, CPU s) of each fn over `repeats` rounds, interleaved so machine load hits all alike.
-
-    CPU time (process_time, all threads) is the steadier figure on a shared machine.
-    """
-    best: dict[str, tuple[float, float, object]] = {k: (float("inf"), float("inf"), None) for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            out = fn()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            best[k] = (min(best[k][0], wall), min(best[k][1], cpu), out)
-    return best
 
 
 @torch.no_grad()
@@ -82,8 +66,8 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
 
     with torch.no_grad():
-        pre = _race({"ours": lambda: ours(ids), "hf": lambda: hf(ids, use_cache=False).logits}, args.repeats)
-    gen = _race({
+        pre = best_of({"ours": lambda: ours(ids), "hf": lambda: hf(ids, use_cache=False).logits}, args.repeats)
+    gen = best_of({
         "ours": lambda: ours_generate(ours, ids, args.new),
         "hf": lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                   min_new_tokens=args.new, do_sample=False, pad_token_id=0)[:, args.prompt:],
