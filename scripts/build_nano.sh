@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build K2-Nano from nothing, offline, with this project's own pipeline:
-#   corpus -> synthetic chats -> BPE tokenizer -> Base (pretrain) -> Instruct (SFT, two passes) -> block-FP8 dirs.
+#   corpus -> synthetic chats -> BPE tokenizer -> Base (pretrain) -> Instruct (SFT, three passes) -> block-FP8 dirs.
 # Takes ~45 min on one free CPU core (base 200 steps, SFT 2 x 300 steps; each run uses one thread).
 # Usage (from the repo root):  scripts/build_nano.sh
 #   BASE_STEPS=N SFT_STEPS=M scripts/build_nano.sh   shorter/longer runs than the recipes' total_steps
-#   (SFT_STEPS applies to each of the two SFT passes)
+#   (SFT_STEPS applies to each of the three SFT passes)
 #   KIMI=path/to/kimi-k2 (default .venv/bin/kimi-k2), PY=python (default .venv/bin/python)
 # Work files go to runs/nano/ (a rerun resumes the training runs from their checkpoints; rm -rf runs/nano to start
 # over); the shipped directories are models/k2-nano-base and models/k2-nano-instruct (replaced).
@@ -33,5 +33,8 @@ mkdir -p "$W"
 # shellcheck disable=SC2046
 "$KIMI" train --config recipes/k2-nano-instruct-stage2.toml $(steps "${SFT_STEPS:-}")
 "$KIMI" convert "$W/base/final" models/k2-nano-base --to fp8 --overwrite --no-progress
-"$KIMI" convert "$W/instruct2/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
+"$KIMI" data synth --out "$W/sft20k" --n 20000 --seed 0
+# shellcheck disable=SC2046
+"$KIMI" train --config recipes/k2-nano-instruct-stage3.toml $(steps "${SFT_STEPS:-}")
+"$KIMI" convert "$W/instruct3/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
 "$PY" scripts/nano_check.py models/k2-nano-instruct
