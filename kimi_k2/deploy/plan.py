@@ -59,7 +59,7 @@ class Layout:
     name: str
     weights_per_rank: float  # bytes
     kv_per_token_per_rank: float  # bytes each rank stores per cached token of a sequence it holds
-    seqs_share_ranks: int  # ranks that hold one sequence's cache together (N for TP, t for TP x PP, 1 for DP)
+    sequence_groups: int  # groups of ranks holding different sequences: 1 for TP and TP x PP, N for DP
     ranks: int
     free_per_rank: float = 0.0
     seqs_per_rank: int = 0
@@ -91,7 +91,7 @@ def _layouts(cfg: K2Config, parts: dict[str, int], n: int, kv_tok: int, gpus_per
     out: list[Layout] = []
     heads, experts = cfg.num_attention_heads, cfg.n_routed_experts or 0
     if heads % n == 0:
-        out.append(Layout(f"TP={n}", (total - parts["replicated"]) / n + parts["replicated"], kv_tok, n, n))
+        out.append(Layout(f"TP={n}", (total - parts["replicated"]) / n + parts["replicated"], kv_tok, 1, n))
     for t in sorted({gpus_per_node, 8, 4, 2}):
         p = n // t
         if p < 2 or t * p != n or heads % t or p > cfg.num_hidden_layers:
@@ -99,10 +99,10 @@ def _layouts(cfg: K2Config, parts: dict[str, int], n: int, kv_tok: int, gpus_per
         per_layer = (total - parts["embed"] - parts["replicated"]) / cfg.num_hidden_layers
         stage_layers = math.ceil(cfg.num_hidden_layers / p)
         weights = per_layer * stage_layers / t + parts["embed"] / 2 / t + parts["replicated"]
-        out.append(Layout(f"TP={t} x PP={p}", weights, kv_tok * stage_layers / cfg.num_hidden_layers, t, n))
+        out.append(Layout(f"TP={t} x PP={p}", weights, kv_tok * stage_layers / cfg.num_hidden_layers, 1, n))
     if experts and experts % n == 0 and n > 1:
         weights = total - parts["routed_experts"] + parts["routed_experts"] / n
-        out.append(Layout(f"DP={n} attention + EP={n}", weights, kv_tok, 1, n))
+        out.append(Layout(f"DP={n} attention + EP={n}", weights, kv_tok, n, n))
     return out
 
 
@@ -126,9 +126,7 @@ def make_plan(cfg: K2Config, gpu: str, n_gpus: int, context: int, concurrency: i
         lay.free_per_rank = usable - lay.weights_per_rank
         per_seq = lay.kv_per_token_per_rank * context
         lay.seqs_per_rank = max(0, int(lay.free_per_rank // per_seq)) if lay.free_per_rank > 0 else 0
-        # a TP group (all N ranks, or t ranks of a PP stage) shares its sequences; DP ranks hold their own
-        groups = 1 if lay.seqs_share_ranks == lay.ranks or "PP" in lay.name else lay.ranks
-        lay.max_seqs = lay.seqs_per_rank * groups
+        lay.max_seqs = lay.seqs_per_rank * lay.sequence_groups
         lay.fits = lay.max_seqs >= concurrency
         if lay.free_per_rank <= 0:
             lay.why = "weights alone exceed usable memory"
