@@ -1,7 +1,7 @@
 """LLMEngine vs transformers `generate()` on CPU: same K2-shaped model, same weights, greedy, side by side.
 
     .venv/bin/python benchmarks/bench_engine.py [--preset k2-small] [--prompt 64] [--new 64] [--concurrent 32]
-        [--threads 1] [--repeats 3]
+        [--threads 1] [--repeats 3] [--compile]
 
 1. single stream: one request, `prompt` tokens in, `new` greedy tokens out (ours: LLMEngine with the paged latent
    cache; HF: DeepseekV3ForCausalLM.generate with its per-head DynamicCache). Decode tok/s = (new - 1) / (time of
@@ -9,7 +9,8 @@
 2. throughput: `concurrent` such requests through one LLMEngine (continuous batching), generated tokens / time.
 3. cache bytes per token: the engine's page pool vs the MLA formula, and what a per-head cache would take.
 Times are the best of `repeats` interleaved rounds, in CPU seconds (process_time, all threads: steadier than wall
-time on a shared machine) and wall seconds.
+time on a shared machine) and wall seconds. `--compile` runs our engine with `EngineConfig(compile_decode=True)`
+(single-stream decode steps through one torch.compile'd graph); its compile time (the warm-up) is printed apart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import platform
 import random
+import time
 
 import torch
 import transformers
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="EngineConfig(compile_decode=True) for our engine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = K2Config.from_preset(args.preset)
@@ -48,7 +51,7 @@ def main() -> None:
     prompts = [[rng.randrange(config.vocab_size) for _ in range(args.prompt)] for _ in range(args.concurrent)]
     pages = -(-(args.prompt + args.new) // 16) * args.concurrent
     ecfg = EngineConfig(page_size=16, num_pages=pages, max_model_len=args.prompt + args.new,
-                        max_num_seqs=args.concurrent, enable_prefix_caching=False)
+                        max_num_seqs=args.concurrent, enable_prefix_caching=False, compile_decode=args.compile)
 
     def engine_run(ps: list[list[int]], new: int) -> list[list[int]]:
         engine = LLMEngine(ours, config=ecfg)
@@ -62,7 +65,10 @@ def main() -> None:
                               do_sample=False, pad_token_id=0)
         return out[0, args.prompt:].tolist()
 
-    engine_run(prompts[:1], 2), hf_run(2)  # warm-up
+    start = time.perf_counter()
+    engine_run(prompts[:1], 2)  # warm-up (with --compile: the compile)
+    warmup = time.perf_counter() - start
+    hf_run(2)
     r = best_of({
         "ours_1": lambda: engine_run(prompts[:1], 1), "ours_n": lambda: engine_run(prompts[:1], args.new),
         "hf_1": lambda: hf_run(1), "hf_n": lambda: hf_run(args.new),
@@ -79,6 +85,8 @@ def main() -> None:
           f"{transformers.__version__}")
     print(f"{args.preset} float32, prompt {args.prompt}, new {args.new}; greedy tokens equal to HF: {100 * same:.0f}%"
           f"; batched run equals single run: {batch_same}")
+    if args.compile:
+        print(f"compile_decode: first request (trace + inductor + C++ build) {warmup:.1f} s wall")
     c = args.concurrent
     for i, unit in ((1, "cpu"), (0, "wall")):
         ours_d, hf_d, batch_d = decode_rate("ours", i), decode_rate("hf", i), decode_rate("batch", i, c)

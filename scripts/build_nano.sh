@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Build K2-Nano from nothing, offline, with this project's own pipeline:
-#   corpus -> synthetic chats -> BPE tokenizer -> Base (pretrain) -> Instruct (SFT, three passes) -> block-FP8 dirs.
-# Takes ~45 min on one free CPU core (base 200 steps, SFT 2 x 300 steps; each run uses one thread).
-# Usage (from the repo root):  scripts/build_nano.sh
-#   BASE_STEPS=N SFT_STEPS=M scripts/build_nano.sh   shorter/longer runs than the recipes' total_steps
-#   (SFT_STEPS applies to each of the three SFT passes)
-#   KIMI=path/to/kimi-k2 (default .venv/bin/kimi-k2), PY=python (default .venv/bin/python)
+#   prepare: corpus -> BPE tokenizer -> pretraining text (corpus + rendered chats)
+#   train:   synthetic SFT conversations -> Base (pretrain) -> Instruct (SFT) -> block-FP8 model directories
+# Usage (from the repo root):
+#   scripts/build_nano.sh [all|prepare|train]            all (default) = prepare, then train
+# On a CPU (default) the runs are shortened to about an hour on one free core: BASE_STEPS=200, MB_BASE=8,
+# SFT_STEPS=600, MB_SFT=4 (set any of them to change that). With GPU=1 the recipes run as they stand (the shipped
+# models: recipes/k2-nano-{base,instruct}.toml), in bf16 autocast; `prepare` still runs on the CPU machine whose
+# Python stdlib the corpus comes from (copy runs/nano/{tokenizer,text} to the GPU machine).
+# KIMI=path/to/kimi-k2 (default .venv/bin/kimi-k2), PY=python (default .venv/bin/python).
 # Work files go to runs/nano/ (a rerun resumes the training runs from their checkpoints; rm -rf runs/nano to start
 # over); the shipped directories are models/k2-nano-base and models/k2-nano-instruct (replaced).
 set -euo pipefail
@@ -13,28 +16,45 @@ cd "$(dirname "$0")/.."
 KIMI=${KIMI:-.venv/bin/kimi-k2}
 PY=${PY:-.venv/bin/python}
 W=runs/nano
+PHASE=${1:-all}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-steps() {  # --set overrides for a shorter/longer run: total steps, warm-up 1/30 of them (>= 2), eval/ckpt every 1/5
-  [ -z "${1:-}" ] && return 0
-  echo --set schedule.total_steps="$1" --set schedule.warmup_steps=$(( $1 / 30 > 2 ? $1 / 30 : 2 )) \
-       --set train.eval_every=$(( $1 / 5 )) --set train.ckpt_every=$(( $1 / 5 ))
-}
+if [ "$PHASE" = all ] || [ "$PHASE" = prepare ]; then
+  mkdir -p "$W"
+  "$KIMI" data corpus --out "$W/corpus.jsonl"
+  # the tokenizer: BPE over the corpus and 2000 chats of the hand-written tools
+  "$KIMI" data synth --out "$W/chats-tok" --n 2000 --seed 0
+  "$PY" scripts/nano_text.py --corpus "$W/corpus.jsonl" --chats "$W/chats-tok/train.jsonl" --n-chats 2000 \
+    --out "$W/text-tok"
+  "$KIMI" tokenizer train --corpus "$W/text-tok/tokenizer" --vocab-size 6144 --out "$W/tokenizer"
+  # pretraining text: the corpus and 4000 chats, half of them over invented tools
+  "$KIMI" data synth --out "$W/chats" --n 4000 --seed 100 --generic 0.5
+  "$PY" scripts/nano_text.py --corpus "$W/corpus.jsonl" --chats "$W/chats/train.jsonl" --n-chats 4000 --out "$W/text"
+fi
 
-mkdir -p "$W"
-"$KIMI" data corpus --out "$W/corpus.jsonl"
-"$KIMI" data synth --out "$W/sft" --n 8000 --seed 0
-"$PY" scripts/nano_text.py --corpus "$W/corpus.jsonl" --chats "$W/sft/train.jsonl" --n-chats 2000 --out "$W/text"
-"$KIMI" tokenizer train --corpus "$W/text/tokenizer" --vocab-size 6144 --out "$W/tokenizer"
-# shellcheck disable=SC2046
-"$KIMI" train --config recipes/k2-nano-base.toml $(steps "${BASE_STEPS:-}")
-# shellcheck disable=SC2046
-"$KIMI" train --config recipes/k2-nano-instruct.toml $(steps "${SFT_STEPS:-}")
-# shellcheck disable=SC2046
-"$KIMI" train --config recipes/k2-nano-instruct-stage2.toml $(steps "${SFT_STEPS:-}")
-"$KIMI" convert "$W/base/final" models/k2-nano-base --to fp8 --overwrite --no-progress
-"$KIMI" data synth --out "$W/sft20k" --n 20000 --seed 0
-# shellcheck disable=SC2046
-"$KIMI" train --config recipes/k2-nano-instruct-stage3.toml $(steps "${SFT_STEPS:-}")
-"$KIMI" convert "$W/instruct3/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
-"$PY" scripts/nano_check.py models/k2-nano-instruct
+if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
+  synth() {  # out_dir n seed0 generic: 8 shards, seeds seed0..seed0+7, concatenated into out_dir/train.jsonl
+    for k in 0 1 2 3 4 5 6 7; do
+      "$KIMI" data synth --out "$1-$k" --n "$2" --seed $(( $3 + k )) --generic "$4" > /dev/null &
+    done
+    wait
+    mkdir -p "$1" && cat "$1"-?/train.jsonl > "$1/train.jsonl"
+  }
+  synth "$W/sft" 20000 0 0.5
+  if [ "${GPU:-0}" = 1 ]; then
+    base=(--set train.dtype='"bfloat16"' --set train.threads=4)
+    sft=("${base[@]}" --set data.workers=14)
+  else
+    steps() {  # total steps and micro-batch; warm-up 1/30 of the steps, eval and checkpoints every 1/4
+      echo --set schedule.total_steps="$1" --set schedule.warmup_steps=$(( $1 / 30 > 2 ? $1 / 30 : 2 )) \
+           --set train.eval_every=$(( $1 / 4 )) --set train.ckpt_every=$(( $1 / 4 )) --set train.micro_batch="$2"
+    }
+    read -r -a base <<< "$(steps "${BASE_STEPS:-200}" "${MB_BASE:-8}")"
+    read -r -a sft <<< "$(steps "${SFT_STEPS:-600}" "${MB_SFT:-4}") --set data.workers=2"
+  fi
+  "$KIMI" train --config recipes/k2-nano-base.toml "${base[@]}"
+  "$KIMI" train --config recipes/k2-nano-instruct.toml "${sft[@]}"
+  "$KIMI" convert "$W/base/final" models/k2-nano-base --to fp8 --overwrite --no-progress
+  "$KIMI" convert "$W/instruct/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
+  "$PY" scripts/nano_check.py models/k2-nano-instruct
+fi

@@ -57,3 +57,14 @@ def test_bench_cli_prints_rates(capsys):
     assert main(["bench", "k2-tiny", "--batch", "1", "3", "--prompt", "8", "--new", "3", "--threads", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [1, 3] and all(float(x) > 0 for r in rows for x in r[1:])
+
+
+def test_generate_cli_compile(capsys):
+    assert main(["generate", "k2-tiny", "--ids", "3 4 5", "--compile"]) == 2  # bfloat16 by default
+    assert "float32" in capsys.readouterr().err
+    args = ["generate", "k2-tiny", "--ids", "3 4 5", "--max-tokens", "4", "--temperature", "0", "--dtype", "float32",
+            "--json"]
+    assert main(args + ["--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert compiled["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]

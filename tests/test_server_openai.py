@@ -291,3 +291,10 @@ def test_serve_cli_without_model_says_how_to_get_one(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "missing") in err and "kimi-k2 train" in err
+
+
+def test_serve_cli_compile_needs_float32(capsys):
+    from kimi_k2.cli import main
+
+    assert main(["serve", "--compile"]) == 2  # the default --dtype is bfloat16
+    assert "--compile needs --dtype float32" in capsys.readouterr().err

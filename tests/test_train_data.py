@@ -9,6 +9,7 @@ from kimi_k2.train.data import (
     BatchOrder,
     expand_paths,
     load_pretrain,
+    load_sft,
     pack_conversations,
     pack_stream,
     read_conversations,
@@ -116,3 +117,16 @@ def test_text_pretraining_keeps_special_token_text_as_text(tmp_path, k2_tokenize
     assert tok.im_end_id not in ids
     assert ids.count(tok.eos_id) >= 1  # the documents are separated
     assert tok.decode(ids).startswith("a document that mentions <|im_end|> in passing")
+
+
+def test_sft_tokenized_in_worker_processes_equals_one_process(tmp_path, k2_tokenizer_dir):
+    from kimi_k2.data.synthetic import episodes
+    from kimi_k2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(k2_tokenizer_dir)
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(e.conversation()) + "\n" for e in episodes(0, "train", 40)))
+    one, t1 = load_sft([path], 256, tok)
+    two, t2 = load_sft([path], 256, tok, workers=2, tokenizer_dir=str(k2_tokenizer_dir))
+    assert t1 == t2
+    assert torch.equal(one.tokens, two.tokens) and torch.equal(one.loss_mask, two.loss_mask)

@@ -63,6 +63,13 @@ class Episode:
     tools: list[str]
     turns: list[Turn]
     state: dict  # the tool environment's state at the end (Tau2-style: a right episode leaves the same state)
+    specs: dict[str, dict] = field(default_factory=dict)  # tools invented for this episode (generic.py): name -> spec
+
+    def tool_specs(self) -> list[dict]:
+        return [self.specs[t] if t in self.specs else TOOLS[t].spec() for t in self.tools]
+
+    def parameters(self, name: str) -> dict:
+        return self.specs[name]["function"]["parameters"] if name in self.specs else TOOLS[name].parameters
 
     def conversation(self) -> dict:
         messages: list[dict] = [{"role": "system", "content": SYSTEM}]
@@ -79,10 +86,10 @@ class Episode:
                              for i, c in zip(ids, calls, strict=True)]
             messages.append({"role": "assistant", "content": turn.answer})
         return {"kind": self.kind, "split": self.split, "messages": messages,
-                "tools": [TOOLS[t].spec() for t in self.tools]}
+                "tools": self.tool_specs()}
 
     def task(self, task_id: str) -> dict:
-        return {"id": task_id, "kind": self.kind, "system": SYSTEM, "tools": [TOOLS[t].spec() for t in self.tools],
+        return {"id": task_id, "kind": self.kind, "system": SYSTEM, "tools": self.tool_specs(),
                 "turns": [{"user": t.user, "calls": [[{"name": c.name, "arguments": c.arguments} for c in r]
                                                      for r in t.rounds],
                            "answer": t.answer, "expect": asdict(t.expect)} for t in self.turns],
@@ -435,7 +442,7 @@ def footprint(ep: Episode) -> dict[str, set]:
     for t in ep.turns:
         for r in t.rounds:
             for c in r:
-                props = TOOLS[c.name].parameters["properties"]
+                props = ep.parameters(c.name)["properties"]
                 values |= {_key(x) for k, v in c.arguments.items() if "enum" not in props[k] for x in _leaves(v)}
     return {"tools": {c.name for t in ep.turns for r in t.rounds for c in r} | set(ep.tools),
             "values": values,

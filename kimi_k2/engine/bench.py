@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--compile", action="store_true",
+                        help="single-stream decode through one torch.compile'd graph (float32; compiles first)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
     pages = -(-max_len // args.page_size) * max(args.batch)
     config = EngineConfig(page_size=args.page_size, num_pages=pages, max_model_len=max_len,
                           max_num_seqs=max(args.batch), max_num_batched_tokens=max(2048, args.prompt),
-                          enable_prefix_caching=False)
-    measure(LLMEngine(model, config=config), 1, min(args.prompt, 16), 2)  # warm-up
+                          enable_prefix_caching=False, compile_decode=args.compile)
+    start = time.perf_counter()
+    measure(LLMEngine(model, config=config), 1, min(args.prompt, 16), 2)  # warm-up (and the compile)
+    if args.compile:
+        print(f"compile_decode: warm-up with the compile took {time.perf_counter() - start:.1f} s")
     print(f"{args.model} {args.dtype}, prompt {args.prompt}, new {args.new}, torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} cpus")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'total tok/s':>12} {'seconds':>8}")

@@ -30,6 +30,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + completion; None: config.max_position_embeddings
     enable_prefix_caching: bool = True
     dtype: torch.dtype | None = None  # cache dtype; None: the model's
+    # single-stream decode steps through one torch.compile'd graph (float32 models; compiles on first use)
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -39,6 +41,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive int or None, got {v!r}")
+        if not isinstance(self.compile_decode, bool):
+            raise ValueError(f"EngineConfig.compile_decode must be a bool, got {self.compile_decode!r}")
         if self.memory_budget_bytes < 1:
             raise ValueError(f"EngineConfig.memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
 

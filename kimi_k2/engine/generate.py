@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
+    parser.add_argument("--compile", action="store_true",
+                        help="single-stream decode through one torch.compile'd graph (needs --dtype float32)")
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
@@ -59,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
         from kimi_k2.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(args.model)
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=args.max_model_len))
+    try:
+        config = EngineConfig(max_model_len=args.max_model_len, compile_decode=args.compile)
+        engine = LLMEngine(model, tokenizer, config)
+    except ValueError as e:
+        print(f"kimi-k2 generate: {e}", file=sys.stderr)
+        return 2
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n, stop=args.stop)
     try:

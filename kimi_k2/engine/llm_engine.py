@@ -71,7 +71,7 @@ class LLMEngine:
         self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype)
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, self.config.compile_decode)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "stop_token_ids", []))
         self.requests: dict[str, Request] = {}
         self.pending: list[CompletionDelta] = []  # abort notices, sent by the next step()

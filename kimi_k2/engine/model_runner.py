@@ -4,6 +4,7 @@ both through the paged latent cache; logits only for the sequences whose last to
 `run` turns the scheduled sequences into plain `Row`s and hands them to `forward_fn`: `forward` in this process, or,
 when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.step`, which broadcasts the rows so
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
+With a `CompiledDecoder` (`EngineConfig.compile_decode`), a group of one decode row runs through it instead.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kimi_k2.engine.compiled_decode import CompiledDecoder
 from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, pool: LatentPool):
+    def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
         self.model = model
         self.pool = pool
+        self.decoder = CompiledDecoder(model, pool) if compile_decode else None
         self.forward_fn: Callable[[list[list[Row]]], torch.Tensor] = self.forward
 
     @torch.inference_mode()
@@ -40,6 +43,8 @@ class ModelRunner:
         return torch.cat([self._forward(rows) for rows in groups])
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
+        if self.decoder is not None and len(rows) == 1 and len(rows[0].input_ids) == 1 and rows[0].last:
+            return self.decoder(rows[0])
         cache = PagedLatentCache(self.pool, rows)
         S = cache.positions.shape[1]
         input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows])  # [B, S]

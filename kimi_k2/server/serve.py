@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
                         "--ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
+    p.add_argument("--compile", action="store_true",
+                   help="single-stream decode through one torch.compile'd graph (needs --dtype float32; compiles on "
+                        "the first request, ~30 s on a CPU)")
     p.add_argument("--log-level", default="info")
 
 
@@ -58,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
-                 if v is not None}
+    if args.compile and (args.dtype != "float32" or args.ep is not None):
+        print("kimi-k2 serve: --compile needs --dtype float32 and no --ep", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
+                                   ("compile_decode", args.compile or None)) if v is not None}
     config, dtype = EngineConfig(**overrides), getattr(torch, args.dtype)
     if args.ep is None:
         return serve(args, d, LLMEngine.from_pretrained(d, config=config, dtype=dtype))

@@ -12,7 +12,9 @@ The batch of step t is a pure function of (seed, t, rank), so the data position 
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,11 +185,35 @@ def load_pretrain(paths: Sequence[Path], seq_len: int, tokenizer: ChatTokenizer 
     return pack_stream((tokenizer.encode(d, allow_special=False) for d in docs), seq_len, tokenizer.eos_id)
 
 
-def load_sft(paths: Sequence[Path], seq_len: int, tokenizer: ChatTokenizer) -> tuple[PackedRows, int]:
+_worker_tokenizer: Any = None
+
+
+def _load_worker_tokenizer(directory: str) -> None:
+    global _worker_tokenizer
+    from kimi_k2.tokenizer import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_pretrained(directory)
+
+
+def _encode_chunk(convs: list[dict[str, Any]]) -> list[tuple[list[int], list[bool]]]:
+    return [_worker_tokenizer.encode_chat_for_training(c["messages"], c.get("tools")) for c in convs]
+
+
+def load_sft(
+    paths: Sequence[Path], seq_len: int, tokenizer: ChatTokenizer, workers: int = 1, tokenizer_dir: str | None = None
+) -> tuple[PackedRows, int]:
+    """Tokenize and pack the conversations; with workers > 1 (and the tokenizer's directory) in that many processes,
+    in order, so the rows are the same as with one."""
     convs = read_conversations(paths)
-    return pack_conversations(
-        (tokenizer.encode_chat_for_training(c["messages"], c.get("tools")) for c in convs), seq_len, tokenizer.pad_id
-    )
+    if workers > 1 and tokenizer_dir is not None:
+        size = max(1, -(-len(convs) // (workers * 8)))
+        chunks = [convs[i : i + size] for i in range(0, len(convs), size)]
+        ctx = multiprocessing.get_context("spawn")  # no fork after torch/CUDA started threads
+        with ProcessPoolExecutor(workers, ctx, _load_worker_tokenizer, (tokenizer_dir,)) as pool:
+            examples = [e for chunk in pool.map(_encode_chunk, chunks) for e in chunk]
+    else:
+        examples = (tokenizer.encode_chat_for_training(c["messages"], c.get("tools")) for c in convs)
+    return pack_conversations(examples, seq_len, tokenizer.pad_id)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class DataSection:
     seq_len: int = 256
     tokenizer: str | None = None
     val_fraction: float = 0.0
+    workers: int = 1  # processes that tokenize SFT conversations (rendering the chat template is ~3 ms each)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Recipe:
         need(self.data.seq_len >= 1, "[data] seq_len must be >= 1")
         need(self.data.kind != "sft" or self.data.tokenizer is not None, "[data] kind = 'sft' needs tokenizer = DIR")
         need(0.0 <= self.data.val_fraction < 1.0, "[data] val_fraction must be in [0, 1)")
+        need(self.data.workers >= 1, "[data] workers must be >= 1")
         need(self.optim.name in ("muonclip", "adamw"), f"[optim] name {self.optim.name!r} must be muonclip or adamw")
         need(self.optim.lr > 0, "[optim] lr must be > 0")
         need(len(self.optim.betas) == 2, "[optim] betas must have two entries")

@@ -56,7 +56,7 @@ def load_tokenizer(path: str | None) -> Any:
 def load_data(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[PackedRows, PackedRows | None]:
     paths = expand_paths(recipe.data.paths)
     if recipe.data.kind == "sft":
-        rows, truncated = load_sft(paths, recipe.data.seq_len, tokenizer)
+        rows, truncated = load_sft(paths, recipe.data.seq_len, tokenizer, recipe.data.workers, recipe.data.tokenizer)
         if truncated:
             print(f"warning: {truncated} conversations longer than seq_len + 1 were truncated")
     else:

@@ -1,0 +1,102 @@
+"""`EngineConfig(compile_decode=True)`: single-stream decode through the torch.compile'd `DecodeStep` gives the eager
+engine's greedy tokens and logprobs, follows weight changes, and refuses models it cannot run.
+
+The default run compiles once (k2-tiny, ~15-30 s on a 2-core CPU); the config variants are `slow` (one compile each).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_k2.config import K2Config
+from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
+from kimi_k2.engine.model_runner import ModelRunner
+from kimi_k2.engine.paged_cache import Row
+from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.moe import MoE
+
+PROMPT_LENGTHS = (1, 15, 16, 17, 37)  # page boundaries (page 16) and a 1-token prompt
+
+
+def _model(**overrides) -> K2ForCausalLM:
+    torch.manual_seed(0)
+    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny").replace(**overrides), torch.float32)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.normal_(0.0, t.shape[-1] ** -0.5) if t.ndim == 2 else t.uniform_(0.5, 1.5)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def _engine(model: K2ForCausalLM, compile_decode: bool, num_pages: int = 32) -> LLMEngine:
+    config = EngineConfig(page_size=16, num_pages=num_pages, max_model_len=96, max_num_seqs=4,
+                          enable_prefix_caching=False, compile_decode=compile_decode)
+    return LLMEngine(model, config=config)
+
+
+def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, new: int = 20) -> None:
+    gen = torch.Generator().manual_seed(2)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=5)
+    for n in PROMPT_LENGTHS:
+        prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
+        a, b = compiled.generate([prompt], params)[0][0], eager.generate([prompt], params)[0][0]
+        assert a.token_ids == b.token_ids, f"prompt of {n} tokens"
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            torch.testing.assert_close(torch.tensor([v for _, v in x.top]), torch.tensor([v for _, v in y.top]),
+                                       rtol=0, atol=1e-4)
+
+
+def test_compiled_decode_equals_eager_engine() -> None:
+    model = _model()
+    compiled, eager = _engine(model, True), _engine(model, False)
+    _assert_same(model, compiled, eager)
+    assert compiled.runner.decoder.compile_seconds is not None  # the compiled graph did run
+    with torch.no_grad():  # in-place weight updates reach the compiled path (stacked experts, fused copies)
+        model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
+        model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
+    _assert_same(model, compiled, eager, new=6)
+    # a pool of another size, and a batch (eager steps) next to single streams, on the same graph
+    other = _engine(model, True, num_pages=40)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[3, 4, 5], list(range(2, 30))]
+    assert [r[0].token_ids for r in other.generate(prompts, params)] == \
+        [r[0].token_ids for r in eager.generate(prompts, params)]
+
+
+def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
+    model = _model()
+    compiled = _engine(model, True).runner
+    eager = ModelRunner(model, compiled.pool)  # same pool: the eager runner's prefill is what both decode from
+    prompt = torch.randint(0, model.config.vocab_size, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    table = [4, 1, 6]  # pages out of order
+    eager.forward([[Row(prompt, 0, table, True)]])
+    for runner in (eager, compiled):  # both write token 21's latents to the same slot
+        logits = runner.forward([[Row([7], 21, table, True)]])
+        latents = compiled.pool.kv[:, 1 * 16 + 5].clone()
+        if runner is eager:
+            reference, reference_latents = logits, latents
+    assert compiled.decoder.compile_seconds is not None
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(latents, reference_latents, rtol=0, atol=1e-5)
+
+
+def test_compile_decode_rejects_unsupported_models() -> None:
+    with pytest.raises(ValueError, match="compile_decode must be a bool"):
+        EngineConfig(compile_decode="yes")
+    with pytest.raises(ValueError, match="float32"):
+        _engine(_model().to(torch.bfloat16), True)
+    with pytest.raises(ValueError, match="float32 latent cache"):
+        LLMEngine(_model(), config=EngineConfig(num_pages=8, max_model_len=64, compile_decode=True,
+                                                dtype=torch.bfloat16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{"q_lora_rank": None, "attention_bias": True}, {"n_group": 2, "topk_group": 1}],
+                         ids=["no-q-lora-bias", "grouped-router"])
+def test_compiled_decode_variants(overrides: dict) -> None:
+    model = _model(**overrides)
+    _assert_same(model, _engine(model, True), _engine(model, False), new=8)

@@ -1,0 +1,86 @@
+"""`kimi_k2.model.decode.DecodeStep` (the function `compile_decode` compiles), run eagerly, against the model's own
+decode step: same logits and latents, reading a paged pool through non-contiguous pages, blind to masked rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_k2.config import K2Config
+from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.decode import DecodeStep, check_decode_model, decode_weights
+from kimi_k2.model.dense_cache import DenseLatentCache
+from kimi_k2.model.moe import MoE
+
+VARIANTS = {
+    "q-lora": {},
+    "no-q-lora-bias": {"q_lora_rank": None, "attention_bias": True},
+    "grouped-router": {"n_group": 2, "topk_group": 1},
+    "softmax-router": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+}
+PAGE = 4
+
+
+def _model(**overrides) -> K2ForCausalLM:
+    torch.manual_seed(0)
+    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny").replace(**overrides), torch.float32)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.normal_(0.0, t.shape[-1] ** -0.5) if t.ndim == 2 else t.uniform_(0.5, 1.5)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def _paged(cache: DenseLatentCache, n: int, pages: list[int], fill: float) -> torch.Tensor:
+    """The first n cached tokens laid out as an engine page pool [L, (max(pages) + 1) * PAGE, C + R]; every other row
+    holds `fill`."""
+    latents = torch.cat([cache.c_kv[:, 0], cache.k_pe[:, 0]], dim=-1)  # [L, max_len, C + R]
+    kv = torch.full((latents.shape[0], (max(pages) + 1) * PAGE, latents.shape[-1]), fill)
+    for t in range(n):
+        kv[:, pages[t // PAGE] * PAGE + t % PAGE] = latents[:, t]
+    return kv
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_step_equals_model(variant: str) -> None:
+    model = _model(**VARIANTS[variant])
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(1))
+    step = DecodeStep(cfg, model.model.rotary.attention_factor, PAGE)
+    pages = [5, 2, 7, 0]  # out of order, with unused pages between
+    with torch.no_grad():
+        cache = DenseLatentCache.for_model(cfg, 1, 16)
+        cache.begin([6])
+        model(ids[:, :6], cache.positions(6), cache)
+        cache.end()
+        for pos in range(6, 11):
+            kv = _paged(cache, pos, pages, fill=1e3)  # masked rows hold large values: must not leak in
+            n = -(-pos // PAGE) + 1  # one padding page too
+            logits, latents = step(decode_weights(model), ids[0, pos : pos + 1], torch.tensor(pos),
+                                   torch.tensor(pages[:n]), kv)
+            cache.begin([1])
+            reference = model(ids[:, pos : pos + 1], cache.positions(1), cache)[0, 0]
+            cache.end()
+            torch.testing.assert_close(logits[0], reference, rtol=0, atol=1e-5)
+            expected = torch.cat([cache.c_kv[:, 0, pos], cache.k_pe[:, 0, pos]], dim=-1)
+            torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+
+
+def test_decode_weights_follow_weight_updates() -> None:
+    model = _model()
+    with torch.no_grad():
+        before = decode_weights(model)["layers"][1]["experts_gate_up"].clone()
+        model.model.layers[1].mlp.experts[3].up_proj.weight.mul_(2.0)
+        after = decode_weights(model)["layers"][1]["experts_gate_up"]
+    inter = model.config.moe_intermediate_size
+    torch.testing.assert_close(after[3, inter:], 2 * before[3, inter:])
+    torch.testing.assert_close(after[:3], before[:3])
+    assert not any("stacked" in k for k in model.state_dict())
+
+
+def test_check_decode_model_rejects_what_it_cannot_run() -> None:
+    check_decode_model(_model())
+    with pytest.raises(ValueError, match="float32 models only.*bfloat16"):
+        check_decode_model(_model().to(torch.bfloat16))
