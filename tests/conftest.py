@@ -26,3 +26,13 @@ def k2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("k2_tokenizer")
     train_tokenizer([Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"], 1024, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def server(k2_tokenizer_dir, tmp_path_factory: pytest.TempPathFactory):
+    """(base URL, ServerState) of a real uvicorn server on loopback over a random k2-tiny model, one per test module."""
+    from server_fixtures import ServerThread, make_model_dir, make_state
+
+    state = make_state(make_model_dir(k2_tokenizer_dir, tmp_path_factory.mktemp("model")))
+    with ServerThread(state) as url:
+        yield url, state

@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import random_tiny_model
 
-from kimi_k2.config import K2Config
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
 from kimi_k2.engine.model_runner import ModelRunner
 from kimi_k2.engine.paged_cache import Row
 from kimi_k2.model import K2ForCausalLM
-from kimi_k2.model.moe import MoE
 
 PROMPT_LENGTHS = (1, 15, 16, 17, 37)  # page boundaries (page 16) and a 1-token prompt
-
-
-def _model(**overrides) -> K2ForCausalLM:
-    torch.manual_seed(0)
-    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny").replace(**overrides), torch.float32)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.normal_(0.0, t.shape[-1] ** -0.5) if t.ndim == 2 else t.uniform_(0.5, 1.5)
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    return model.eval()
 
 
 def _engine(model: K2ForCausalLM, compile_decode: bool, num_pages: int = 32) -> LLMEngine:
@@ -51,7 +38,7 @@ def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, ne
 
 
 def test_compiled_decode_equals_eager_engine() -> None:
-    model = _model()
+    model = random_tiny_model()
     compiled, eager = _engine(model, True), _engine(model, False)
     _assert_same(model, compiled, eager)
     assert compiled.runner.decoder.compile_seconds is not None  # the compiled graph did run
@@ -68,7 +55,7 @@ def test_compiled_decode_equals_eager_engine() -> None:
 
 
 def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
-    model = _model()
+    model = random_tiny_model()
     compiled = _engine(model, True).runner
     eager = ModelRunner(model, compiled.pool)  # same pool: the eager runner's prefill is what both decode from
     prompt = torch.randint(0, model.config.vocab_size, (21,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -88,9 +75,9 @@ def test_compile_decode_rejects_unsupported_models() -> None:
     with pytest.raises(ValueError, match="compile_decode must be a bool"):
         EngineConfig(compile_decode="yes")
     with pytest.raises(ValueError, match="float32"):
-        _engine(_model().to(torch.bfloat16), True)
+        _engine(random_tiny_model().to(torch.bfloat16), True)
     with pytest.raises(ValueError, match="float32 latent cache"):
-        LLMEngine(_model(), config=EngineConfig(num_pages=8, max_model_len=64, compile_decode=True,
+        LLMEngine(random_tiny_model(), config=EngineConfig(num_pages=8, max_model_len=64, compile_decode=True,
                                                 dtype=torch.bfloat16))
 
 
@@ -98,5 +85,5 @@ def test_compile_decode_rejects_unsupported_models() -> None:
 @pytest.mark.parametrize("overrides", [{"q_lora_rank": None, "attention_bias": True}, {"n_group": 2, "topk_group": 1}],
                          ids=["no-q-lora-bias", "grouped-router"])
 def test_compiled_decode_variants(overrides: dict) -> None:
-    model = _model(**overrides)
+    model = random_tiny_model(**overrides)
     _assert_same(model, _engine(model, True), _engine(model, False), new=8)

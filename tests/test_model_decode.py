@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import random_tiny_model
 
-from kimi_k2.config import K2Config
-from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.decode import DecodeStep, check_decode_model, decode_weights
 from kimi_k2.model.dense_cache import DenseLatentCache
-from kimi_k2.model.moe import MoE
 
 VARIANTS = {
     "q-lora": {},
@@ -19,18 +17,6 @@ VARIANTS = {
     "softmax-router": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
 }
 PAGE = 4
-
-
-def _model(**overrides) -> K2ForCausalLM:
-    torch.manual_seed(0)
-    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny").replace(**overrides), torch.float32)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.normal_(0.0, t.shape[-1] ** -0.5) if t.ndim == 2 else t.uniform_(0.5, 1.5)
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    return model.eval()
 
 
 def _paged(cache: DenseLatentCache, n: int, pages: list[int], fill: float) -> torch.Tensor:
@@ -45,7 +31,7 @@ def _paged(cache: DenseLatentCache, n: int, pages: list[int], fill: float) -> to
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_step_equals_model(variant: str) -> None:
-    model = _model(**VARIANTS[variant])
+    model = random_tiny_model(**VARIANTS[variant])
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(1))
     step = DecodeStep(cfg, model.model.rotary.attention_factor, PAGE)
@@ -69,7 +55,7 @@ def test_decode_step_equals_model(variant: str) -> None:
 
 
 def test_decode_weights_follow_weight_updates() -> None:
-    model = _model()
+    model = random_tiny_model()
     with torch.no_grad():
         before = decode_weights(model)["layers"][1]["experts_gate_up"].clone()
         model.model.layers[1].mlp.experts[3].up_proj.weight.mul_(2.0)
@@ -81,6 +67,6 @@ def test_decode_weights_follow_weight_updates() -> None:
 
 
 def test_check_decode_model_rejects_what_it_cannot_run() -> None:
-    check_decode_model(_model())
+    check_decode_model(random_tiny_model())
     with pytest.raises(ValueError, match="float32 models only.*bfloat16"):
-        check_decode_model(_model().to(torch.bfloat16))
+        check_decode_model(random_tiny_model().to(torch.bfloat16))

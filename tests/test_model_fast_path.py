@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import random_tiny_model
 
 from kimi_k2.config import K2Config
 from kimi_k2.model import K2ForCausalLM
@@ -17,18 +18,6 @@ VARIANTS = {
     "no-q-lora-bias": {"q_lora_rank": None, "attention_bias": True},
     "grouped-router": {"n_group": 2, "topk_group": 1},
 }
-
-
-def _model(**overrides) -> K2ForCausalLM:
-    torch.manual_seed(0)
-    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny").replace(**overrides), torch.float32)
-    with torch.no_grad():
-        for t in model.parameters():
-            t.normal_(0.0, t.shape[-1] ** -0.5) if t.ndim == 2 else t.uniform_(0.5, 1.5)
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    return model.eval()
 
 
 def _decode(model: K2ForCausalLM, ids: torch.Tensor, prefill: int) -> torch.Tensor:
@@ -48,7 +37,7 @@ def _decode(model: K2ForCausalLM, ids: torch.Tensor, prefill: int) -> torch.Tens
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("batch", [1, 2])
 def test_inference_paths_equal_autograd_path(variant: str, batch: int) -> None:
-    model = _model(**VARIANTS[variant])
+    model = random_tiny_model(**VARIANTS[variant])
     ids = torch.randint(0, model.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(1))
     reference = model(ids).detach()  # grad enabled: separate projections, no caches
     with torch.no_grad():
@@ -59,7 +48,7 @@ def test_inference_paths_equal_autograd_path(variant: str, batch: int) -> None:
 
 
 def test_cached_weights_follow_in_place_updates_and_reloads() -> None:
-    model = _model()
+    model = random_tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(ids)
@@ -70,7 +59,7 @@ def test_cached_weights_follow_in_place_updates_and_reloads() -> None:
         after = model(ids)
     assert not torch.allclose(before, after, atol=1e-3)
     torch.testing.assert_close(after, model(ids).detach(), rtol=0, atol=1e-5)
-    other = _model(q_lora_rank=model.config.q_lora_rank)
+    other = random_tiny_model(q_lora_rank=model.config.q_lora_rank)
     with torch.no_grad():
         other.model.layers[0].mlp.gate_proj.weight.zero_()
     model.load_state_dict(other.state_dict())  # copy_ into the same tensors
@@ -83,7 +72,7 @@ def test_cached_weights_follow_in_place_updates_and_reloads() -> None:
 
 
 def test_state_dict_is_unchanged_by_inference() -> None:
-    model = _model()
+    model = random_tiny_model()
     names = list(model.state_dict())
     with torch.no_grad():
         _decode(model, torch.zeros(1, 4, dtype=torch.long), prefill=2)
@@ -92,7 +81,7 @@ def test_state_dict_is_unchanged_by_inference() -> None:
 
 
 def test_one_token_moe_equals_grouped_moe() -> None:
-    moe = next(m for m in _model().modules() if isinstance(m, MoE))
+    moe = next(m for m in random_tiny_model().modules() if isinstance(m, MoE))
     x = torch.randn(3, 1, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         grouped = moe(x.view(1, 3, -1)).view(3, 1, -1)  # 3 tokens: the grouped path
@@ -139,7 +128,7 @@ def test_big_weights_keep_no_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     from kimi_k2.model import layers
 
     monkeypatch.setattr(layers, "CACHE_MAX_BYTES", 0)
-    model = _model()
+    model = random_tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
     reference = model(ids).detach()
     with torch.no_grad():

@@ -8,7 +8,7 @@ import time
 import anthropic
 import httpx
 import pytest
-from server_fixtures import API_KEY, MODEL, ServerThread, make_model_dir, make_state
+from server_fixtures import API_KEY, MODEL
 
 CITY = {"type": "object", "required": ["city"], "additionalProperties": False,
         "properties": {"city": {"type": "string", "enum": ["Beijing", "Paris", "Lima"]}}}
@@ -16,13 +16,6 @@ TOOLS = [{"name": "get_weather", "description": "weather", "input_schema": CITY}
          {"name": "get_time", "input_schema": {"type": "object", "additionalProperties": False, "required": ["tz"],
                                                "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}}}}]
 ASK = [{"role": "user", "content": "What's the weather like in Beijing today?"}]
-
-
-@pytest.fixture(scope="module")
-def server(k2_tokenizer_dir, tmp_path_factory):
-    state = make_state(make_model_dir(k2_tokenizer_dir, tmp_path_factory.mktemp("model")))
-    with ServerThread(state) as url:
-        yield url, state
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_fixtures import ALIASES, API_KEY, MODEL, ServerThread, make_model_dir, make_state
+from server_fixtures import ALIASES, API_KEY, MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import model_card  # noqa: E402
@@ -25,13 +25,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "add", "parameters": ADD}}]
 SCHEMAS = {"get_weather": CITY, "add": ADD}
 ASK = [{"role": "user", "content": "What's the weather like in Beijing today?"}]
-
-
-@pytest.fixture(scope="module")
-def server(k2_tokenizer_dir, tmp_path_factory):
-    state = make_state(make_model_dir(k2_tokenizer_dir, tmp_path_factory.mktemp("model")))
-    with ServerThread(state) as url:
-        yield url, state
 
 
 @pytest.fixture(scope="module")
