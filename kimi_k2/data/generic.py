@@ -3,7 +3,7 @@
 The hand-written train tools (tools.py) are few; a small model trained only on them memorises their names and their
 argument values instead of learning to read the declared tools, pick the one the request names, copy the argument
 values out of the request and quote the tool result in the answer. Each generic episode invents its tools (a topic
-such as "rainfall" or "ticket price" crossed with a subject kind such as a place, an item or a code, under one of
+such as "rainfall" or "hotel price" crossed with a subject kind such as a place, an item or a code, under one of
 several naming and wording patterns), its argument values (invented place and person names, items, codes, dates,
 numbers) and its results (a hash of the call), and declares them among distractors.
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kimi_k2.data import world
-from kimi_k2.data.synthetic import Call, Episode, Expect, Turn, fmt
+from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt
 from kimi_k2.data.tools import TOOLS, _hash, _obj, tools_of
 
 # ---- subjects: what a tool is asked about (argument kind, argument names, value generator) -------------------------
@@ -203,8 +203,6 @@ _FOLLOW_PAIR = ["And from {v} to {w}?", "What about from {v} to {w}?", "Same fro
 _TWO = ["What is the {thing} of {v} and of {w}?", "Compare the {thing} of {v} and {w}.",
         "Look up the {thing} for both {v} and {w}."]
 _CONNECT = ["{a} Also, {b}", "Two things. {a} And {b}", "{a} Next, {b}"]
-_REFUSAL = ("I'm sorry, but I can't do that: none of the tools available to me here can carry out that request. "
-            "I can help with what my tools cover instead.")
 
 
 class GenericGen:
@@ -321,7 +319,7 @@ def _episode_no_tool_fits(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]
     """The request names a topic that no declared tool covers: the answer says so instead of calling one."""
     other = g.tool()
     user, _ = g.ask(other)  # g.tool() recorded its topic, so no distractor covers it
-    return [], [Turn(user, [], _REFUSAL, Expect(refusal=True), [])]
+    return [], [Turn(user, [], REFUSAL, Expect(refusal=True), [])]
 
 
 _CODE_ASK = ["What is the {thing} of {v}? You will need its {code} first.",

@@ -64,7 +64,8 @@ def _tool(rng: random.Random, status: Status) -> dict:
             "function": {"name": name, "description": desc, "parameters": _obj([arg], **{arg: prop})}}
 
 
-def _ask(rng: random.Random, templates: list[str], spec: dict, status: Status, prompts: list[str]) -> tuple[Turn, str]:
+def _ask(rng: random.Random, templates: list[str], spec: dict, status: Status, prompts: list[str]) -> Turn:
+    """One turn: a request for the status of a new subject, the call, and an answer quoting the one-word result."""
     v = SUBJECTS[status.subject].value(rng)
     arg = next(iter(spec["function"]["parameters"]["properties"]))
     x = rng.choice(status.values)
@@ -73,7 +74,7 @@ def _ask(rng: random.Random, templates: list[str], spec: dict, status: Status, p
     call = Call(spec["function"]["name"], {arg: v}, {status.key: x})
     answer = rng.choice(_ANSWER).format(thing=status.thing, v=v, V=v[0].upper() + v[1:], x=x)
     prompts.append(template)
-    return Turn(user, [[call]], answer, Expect(contains=[x]), []), v
+    return Turn(user, [[call]], answer, Expect(contains=[x]), [])
 
 
 def status_episode(seed: int, index: int) -> Episode:
@@ -90,11 +91,9 @@ def status_episode(seed: int, index: int) -> Episode:
     else:
         status = rng.choice(STATUSES)
         specs.append(_tool(rng, status))
-        first, _ = _ask(rng, _ASK, specs[0], status, templates)
-        turns = [first]
+        turns = [_ask(rng, _ASK, specs[0], status, templates)]
         if kind == "status_follow_up":
-            second, _ = _ask(rng, _FOLLOW, specs[0], status, templates)
-            turns.append(second)
+            turns.append(_ask(rng, _FOLLOW, specs[0], status, templates))
     names = {s["function"]["name"] for s in specs}
     for t in rng.sample(tools_of("train"), rng.randint(0, 2)):
         if t.name not in names:

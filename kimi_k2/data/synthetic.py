@@ -328,11 +328,13 @@ def _multi_turn(g: Gen) -> list[Turn]:
     return turns
 
 
+REFUSAL = ("I'm sorry, but I can't do that: none of the tools available to me here can carry out that request. "
+           "I can help with what my tools cover instead.")
+
+
 def _refusal(g: Gen) -> list[Turn]:
     user, t = g.phrase("refusal")
-    answer = ("I'm sorry, but I can't do that: none of the tools available to me here can carry out that request. "
-              "I can help with what my tools cover instead.")
-    return [Turn(user, [], answer, Expect(refusal=True), [t])]
+    return [Turn(user, [], REFUSAL, Expect(refusal=True), [t])]
 
 
 IDENTITY = ["I'm Kimi, an AI assistant created by Moonshot AI. I can answer questions, do calculations and use "
