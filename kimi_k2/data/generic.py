@@ -180,6 +180,11 @@ def make_tool(rng: random.Random, topic: Topic, subject: str, with_count: bool, 
     return GenericTool(spec, topic, subject, names)
 
 
+def _after_number(unit: str) -> str:
+    """How a unit follows a number in an answer: "12 mm", "12 dollars", but "12%"."""
+    return f" {unit}" if unit and unit != "%" else unit
+
+
 def _value(topic: Topic, *parts: object) -> float | int:
     h = _hash("generic", topic.key, *parts)
     x = topic.lo + (h % 1_000_003) / 1_000_003 * (topic.hi - topic.lo)
@@ -246,9 +251,8 @@ class GenericGen:
         t = tool.topic
         v, w, *_ = list(c.arguments.values()) + [None]
         w = w if tool.subject == "place-pair" else None
-        unit = c.result.get("unit", t.unit)
-        unit = f" {unit}" if unit and unit != "%" else unit
-        values = dict(thing=t.thing, Thing=t.thing.capitalize(), v=v, w=w, x=fmt(c.result[t.key]), unit=unit)
+        values = dict(thing=t.thing, Thing=t.thing.capitalize(), v=v, w=w, x=fmt(c.result[t.key]),
+                      unit=_after_number(c.result.get("unit", t.unit)))
         if tool.subject == "place-pair":
             return self.pick(_ANSWER_PAIR, **values)
         return self.pick(_ANSWER, **values, V=v[0].upper() + v[1:])
@@ -346,8 +350,7 @@ def _episode_chain(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]:
     x = _value(topic, ident)
     c2 = Call(by_code.name, {code_name: ident}, {code_name: ident, topic.key: x})
     user = g.pick(_CODE_ASK, thing=topic.thing, v=v, code=code_name)
-    unit = f" {topic.unit}" if topic.unit and topic.unit != "%" else topic.unit
-    answer = f"The {code_name} of {v} is {ident}, and its {topic.thing} is {fmt(x)}{unit}."
+    answer = f"The {code_name} of {v} is {ident}, and its {topic.thing} is {fmt(x)}{_after_number(topic.unit)}."
     return [finder, by_code], [Turn(user, [[c1], [c2]], answer, Expect(numbers=[x]), [])]
 
 
