@@ -4,9 +4,9 @@
 #   train:   synthetic SFT conversations -> Base (pretrain) -> Instruct (SFT, two passes) -> block-FP8 directories
 # Usage (from the repo root):
 #   scripts/build_nano.sh [all|prepare|train]            all (default) = prepare, then train
-# On a CPU (default) the runs are shortened (measured: 40 min on one core before the second pass, which adds ~35):
-# BASE_STEPS=200, MB_BASE=8,
-# SFT_STEPS=600, MB_SFT=4 (set any of them to change that); the second SFT pass is CPU-sized as it stands. With GPU=1
+# On a CPU (default) the runs are shortened: BASE_STEPS=200, MB_BASE=8, SFT_STEPS=600, MB_SFT=4 (set any of them to
+# change that; measured 40 min on one core up to the first SFT pass); the second SFT pass (~35 min) is CPU-sized as
+# it stands. With GPU=1
 # the recipes run as they stand (the shipped models: recipes/k2-nano-{base,instruct,instruct-stage2}.toml), the first
 # two in bf16 autocast; `prepare` still runs on the CPU machine whose Python stdlib the corpus comes from (copy
 # runs/nano/{tokenizer,text} to the GPU machine).
