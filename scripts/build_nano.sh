@@ -7,8 +7,8 @@
 # On a CPU (default) the runs are shortened: BASE_STEPS=200, MB_BASE=8, SFT_STEPS=600, MB_SFT=4 (set any of them to
 # change that; measured 40 min on one core up to the first SFT pass); the second SFT pass (~35 min) is CPU-sized as
 # it stands. With GPU=1 the recipes run as they stand (the shipped models:
-# recipes/k2-nano-{base,instruct,instruct-stage2}.toml), the first two in bf16 autocast; `prepare` still runs on the CPU machine whose Python stdlib the corpus comes from (copy
-# runs/nano/{tokenizer,text} to the GPU machine).
+# recipes/k2-nano-{base,instruct,instruct-stage2}.toml), the first two in bf16 autocast; `prepare` still runs on
+# the CPU machine whose Python stdlib the corpus comes from (copy runs/nano/{tokenizer,text} to the GPU machine).
 # KIMI=path/to/kimi-k2 (default .venv/bin/kimi-k2), PY=python (default .venv/bin/python).
 # Work files go to runs/nano/ (a rerun resumes the training runs from their checkpoints; rm -rf runs/nano to start
 # over); the shipped directories are models/k2-nano-base and models/k2-nano-instruct (replaced).
