@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from kimi_k2.data import corpus, generic, status, synthetic
+from kimi_k2.data import broad, corpus, generic, status, synthetic
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
 
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of train conversations over tools invented per conversation (generic.py)")
     p.add_argument("--status", type=float, default=0.0, metavar="F",
                    help="fraction of the rest over one-word-result tools and self-introductions (status.py)")
+    p.add_argument("--broad", type=float, default=0.0, metavar="F",
+                   help="fraction of train conversations over open-vocabulary invented tools (broad.py), drawn first")
     p = sub.add_parser("corpus", help="pretraining corpus from text already on the machine, as JSONL")
     p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
     p.add_argument("--sources", default=",".join(corpus.DEFAULT_SOURCES),
@@ -47,12 +49,15 @@ def write_benchmarks(out: Path) -> dict[str, int]:
             for name, (seed, counts) in synthetic.BENCHMARKS.items()}
 
 
-def train_episodes(seed: int, n: int, generic_fraction: float, status_fraction: float = 0.0
-                   ) -> Iterator[synthetic.Episode]:
-    """Train episode i is generic with probability `generic_fraction`, else a status episode with probability
-    `status_fraction`, else synthetic (each a seeded draw of its own, so one fraction never reshuffles the others)."""
+def train_episodes(seed: int, n: int, generic_fraction: float, status_fraction: float = 0.0,
+                   broad_fraction: float = 0.0) -> Iterator[synthetic.Episode]:
+    """Train episode i is broad with probability `broad_fraction`, else generic with probability `generic_fraction`,
+    else a status episode with probability `status_fraction`, else synthetic (each a seeded draw of its own, so one
+    fraction never reshuffles the others)."""
     for i in range(n):
-        if random.Random(f"{seed}/mix/{i}").random() < generic_fraction:
+        if broad_fraction and random.Random(f"{seed}/broad-mix/{i}").random() < broad_fraction:
+            yield broad.broad_episode(seed, i)
+        elif random.Random(f"{seed}/mix/{i}").random() < generic_fraction:
             yield generic.generic_episode(seed, i)
         elif random.Random(f"{seed}/status-mix/{i}").random() < status_fraction:
             yield status.status_episode(seed, i)
@@ -65,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         heldout_n = args.heldout_n if args.heldout_n is not None else max(1, args.n // 10)
-        for flag, value in (("--generic", args.generic), ("--status", args.status)):
+        for flag, value in (("--generic", args.generic), ("--status", args.status), ("--broad", args.broad)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{flag} must be in [0, 1], got {value}")
-        train = list(train_episodes(args.seed, args.n, args.generic, args.status))
+        train = list(train_episodes(args.seed, args.n, args.generic, args.status, args.broad))
         heldout = list(synthetic.episodes(args.seed, "heldout", heldout_n))
         synthetic.check_heldout(train, heldout)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,108 @@
+import json
+import re
+
+import pytest
+
+from kimi_k2.data import broad, synthetic
+from kimi_k2.data import schema as js
+from kimi_k2.data.cli import train_episodes
+from kimi_k2.data.tools import TOOLS
+from kimi_k2.eval.scoring import answer_ok
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    return [broad.broad_episode(5, i) for i in range(2000)]
+
+
+def test_deterministic_per_index():
+    a = broad.broad_episode(1, 17).conversation()
+    assert a == broad.broad_episode(1, 17).conversation()
+    assert a != broad.broad_episode(2, 17).conversation()
+
+
+def test_every_kind_appears_and_calls_fit_the_declared_tools(episodes):
+    assert {e.kind for e in episodes} == set(broad.KINDS)
+    for e in episodes:
+        conv = e.conversation()
+        declared = {t["function"]["name"]: t["function"]["parameters"] for t in conv["tools"]}
+        assert len(declared) == len(conv["tools"]) >= 1
+        for turn in e.turns:
+            for calls in turn.rounds:
+                for c in calls:
+                    assert js.errors(c.arguments, declared[c.name]) == [], (e.kind, c)
+            assert answer_ok(turn.answer, {"numbers": turn.expect.numbers, "refusal": turn.expect.refusal},
+                             sum(map(len, turn.rounds))), turn
+
+
+def test_arguments_are_copied_from_the_request_and_numbers_stay_in_train_ranges(episodes):
+    for e in episodes:
+        said = ""
+        for turn in e.turns:
+            said += " " + turn.user
+            for c in (c for calls in turn.rounds for c in calls):
+                for v in c.arguments.values():
+                    if isinstance(v, str):
+                        assert v in said, (e.kind, turn.user, c.arguments)  # verbatim, case included
+                    else:  # held-out numeric arguments are integers <= 6 or non-integers below 401
+                        assert v == int(v) and v >= 7 or v >= 401, (e.kind, c.arguments)
+                        assert synthetic.fmt(v) in said, (e.kind, turn.user, c.arguments)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def test_the_called_tool_shares_a_word_with_the_request_and_no_distractor_shares_its_topic(episodes):
+    """The skill taught is reading the declared tools: the request names the topic (from the tool's name or its
+    description) or, for a conversion, the enum units; a refusal's request names no declared tool's topic."""
+    refusals = 0
+    for e in episodes:
+        specs = {s["function"]["name"]: s["function"] for s in e.tool_specs()}
+        said = ""
+        for turn in e.turns:  # a follow-up ("And Spoass?") leans on the turn before
+            said += " " + turn.user
+            for c in (c for calls in turn.rounds for c in calls):
+                f = specs[c.name]
+                assert _words(said) & _words(f["name"].replace("_", " ") + " " + f["description"]), turn.user
+        if e.kind == "broad_refusal":
+            refusals += 1
+            assert not e.turns[0].rounds
+            asked = _words(e.turns[0].user) - {"level", "rate", "count", "index", "the", "of", "for", "a"}
+            for f in specs.values():
+                if f["name"] not in TOOLS:
+                    topic = f["name"].split("_")
+                    assert not asked & set(topic) - {"get", "lookup", "by", "place", "person", "object", "code",
+                                                     "date", "fetch", "find", "check", "query", "read", "compute",
+                                                     "estimate", "show", "list", "search", "level", "rate", "count",
+                                                     "index"}, (e.turns[0].user, f["name"])
+    assert refusals > 100
+
+
+def test_mixed_train_set_keeps_the_heldout_property():
+    train = list(train_episodes(9, 3000, 0.3, 0.2, broad_fraction=0.5))
+    n_broad = sum(e.kind.startswith("broad") for e in train)
+    assert 1350 < n_broad < 1650
+    assert sum(e.kind.startswith("generic") for e in train) > 300
+    heldout = list(synthetic.episodes(9, "heldout", 600))
+    synthetic.check_heldout(train, heldout)
+    # no held-out string value (city, item, element...) occurs as a word in a broad conversation
+    text = " ".join(json.dumps(e.conversation()) for e in train if e.kind.startswith("broad")).lower()
+    words = {json.loads(v) for e in heldout for v in synthetic.footprint(e)["values"] if v.startswith('"')}
+    words = {w for w in words if len(w) >= 4}
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b")
+    assert sorted(set(pattern.findall(text))) == []
+
+
+def test_broad_zero_leaves_the_older_mixes_unchanged():
+    old = [e.conversation() for e in train_episodes(3, 200, 0.5, 0.25)]
+    assert old == [e.conversation() for e in train_episodes(3, 200, 0.5, 0.25, broad_fraction=0.0)]
+
+
+def test_words_cover_many_tokenizer_pieces():
+    import random
+
+    rng = random.Random(0)
+    made = [broad.word(rng) for _ in range(3000)]
+    assert len(set(made)) > 2500
+    assert {ch for w in made for ch in w} == set("abcdefghijklmnopqrstuvwxyz")
