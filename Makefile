@@ -32,7 +32,7 @@ test-slow: lint
 	$(PY) -m pytest -q -p no:cacheprovider --run-slow
 
 # Rebuild models/k2-nano-{base,instruct} from nothing (corpus, synthetic chats, tokenizer, pretrain, SFT, FP8 export).
-# On a CPU the recipes are shortened (about 75 minutes on one core; BASE_STEPS=N SFT_STEPS=M to change that);
+# On a CPU the first recipes are shortened (about two hours on the 2-core box; BASE_STEPS=N SFT_STEPS=M to change that);
 # GPU=1 make nano runs them as they stand, as for the shipped models.
 nano: install
 	scripts/build_nano.sh
