@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"kimi-k2 {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, OSError) as e:  # bad input (a flag's value, a file): say what, not a traceback
+        print(f"kimi-k2 {name}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

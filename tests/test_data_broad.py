@@ -106,3 +106,11 @@ def test_words_cover_many_tokenizer_pieces():
     made = [broad.word(rng) for _ in range(3000)]
     assert len(set(made)) > 2500
     assert {ch for w in made for ch in w} == set("abcdefghijklmnopqrstuvwxyz")
+
+
+def test_synth_cli_names_a_bad_fraction(tmp_path, capsys):
+    from kimi_k2.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "10", "--broad", "1.5"]) == 1
+    assert "kimi-k2 data: error: --broad must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing half-written
