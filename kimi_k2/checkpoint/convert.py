@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -61,14 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src, dst = args.src, args.dst
-    try:
-        if dst.exists() and dst.resolve() == src.resolve():
-            raise CheckpointError(f"DST {dst} is the source checkpoint; write to a new directory")
-        if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
-            raise CheckpointError(f"DST {dst} exists and is not empty; pass --overwrite to replace it")
-        convert(src, dst, args.to, args.max_shard_size, progress=not args.no_progress)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"kimi-k2 convert: error: {e}", file=sys.stderr)
-        return 1
+    # a CheckpointError or missing file reaches kimi_k2.cli.main: "kimi-k2 convert: error: ...", exit status 1
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"DST {dst} is the source checkpoint; write to a new directory")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise CheckpointError(f"DST {dst} exists and is not empty; pass --overwrite to replace it")
+    convert(src, dst, args.to, args.max_shard_size, progress=not args.no_progress)
     print(f"wrote {args.to} checkpoint to {dst}")
     return 0

@@ -18,12 +18,11 @@ bills, carts) stay out, and no pattern is a held-out phrasing (`synthetic.check_
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 from dataclasses import dataclass
 
-from kimi_k2.data.generic import _HELDOUT_WORDS
-from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt
+from kimi_k2.data.generic import _HELDOUT_WORDS, Subject, _after_number, date, is_heldout_word
+from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
 from kimi_k2.data.tools import TOOLS, _hash, _obj, tools_of
 
 # ---- words ------------------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ def word(rng: random.Random, syllables: int | None = None) -> str:
     while True:
         n = syllables or rng.choice([1, 2, 2, 2, 2, 3])
         w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(n))
-        if 3 <= len(w) <= 14 and w not in _HELDOUT_WORDS and not any(w in h for h in _HELDOUT_WORDS if len(h) >= 4):
+        if 3 <= len(w) <= 14 and not is_heldout_word(w):
             return w
 
 
@@ -80,10 +79,6 @@ def code(rng: random.Random) -> str:
     return c + (f"-{rng.randint(10, 9999)}" if rng.random() < 0.4 else "")
 
 
-def date(rng: random.Random) -> str:
-    return (dt.date(2025, 1, 1) + dt.timedelta(days=rng.randrange(730))).isoformat()  # held-out dates are in 2027
-
-
 def amount(rng: random.Random) -> int | float:
     """A numeric argument: an integer >= 7 or a non-integer >= 401 (smaller ones are held out)."""
     if rng.random() < 0.6:
@@ -91,12 +86,12 @@ def amount(rng: random.Random) -> int | float:
     return round(rng.uniform(401, 99999), rng.choice([1, 2]))
 
 
-_SUBJECTS = {  # kind: (how a request names it, argument names, value maker)
-    "place": ("place", ["city", "town", "place", "location", "region", "site"], proper),
-    "person": ("person", ["name", "person", "user", "member", "customer"], proper),
-    "object": ("item", ["item", "product", "object", "article", "thing"], thing_name),
-    "code": ("code", ["code", "id", "ref", "ticker", "sku", "serial"], code),
-    "date": ("date", ["date", "day", "on"], date),
+_SUBJECTS = {
+    "place": Subject("place", ["city", "town", "place", "location", "region", "site"], proper),
+    "person": Subject("person", ["name", "person", "user", "member", "customer"], proper),
+    "object": Subject("item", ["item", "product", "object", "article", "thing"], thing_name),
+    "code": Subject("code", ["code", "id", "ref", "ticker", "sku", "serial"], code),
+    "date": Subject("date", ["date", "day", "on"], date),  # generic.date: 2025-2026 (held-out dates are in 2027)
 }
 
 # ---- tools ------------------------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def make_tool(rng: random.Random, taken: set[str]) -> Tool:
     thing = new_topic(rng, taken)
     alias = word(rng) if rng.random() < 0.25 else ""
     subject = rng.choice(list(_SUBJECTS))
-    noun, arg_names, _ = _SUBJECTS[subject]
+    noun, arg_names = _SUBJECTS[subject].noun, _SUBJECTS[subject].arg_names
     arg = rng.choice(arg_names) if rng.random() < 0.8 else f"{word(rng, 1)}_{rng.choice(arg_names)}"
     t, s = _snake(thing), "object" if subject == "object" else subject
     while (name := rng.choice([f"{rng.choice(_VERBS)}_{t}", t, f"{t}_lookup", f"{s}_{t}", f"{t}_by_{s}",
@@ -216,10 +211,6 @@ _REFUSE_VERBS = ["Book", "Order", "Send", "Cancel", "Delete", "Upload", "Water",
 _REFUSE_TAILS = ["", " tomorrow", " for me", " tonight", " this weekend", " right away", " next week"]
 
 
-def _after(unit: str) -> str:
-    return f" {unit}" if unit and unit != "%" else unit
-
-
 class BroadGen:
     def __init__(self, rng: random.Random):
         self.rng = rng
@@ -251,7 +242,7 @@ class BroadGen:
 
     def request(self, tool: Tool, v: str, extra: str) -> str:
         thing = tool.alias if tool.alias and self.rng.random() < 0.5 else tool.thing
-        core = self.pick(_ASKS).format(thing=thing, v=v, extra=extra, noun=_SUBJECTS[tool.subject][0])
+        core = self.pick(_ASKS).format(thing=thing, v=v, extra=extra, noun=_SUBJECTS[tool.subject].noun)
         text = self.rng.choice(_OPENERS) + core
         text = text if text.startswith(v) else text[0].upper() + text[1:]  # a value keeps its case
         return text + self.rng.choice(_CLOSERS) if text[-1] in ".?!" else text + self.rng.choice(["", "."])
@@ -259,11 +250,11 @@ class BroadGen:
     def answer(self, tool: Tool, c: Call) -> str:
         v = str(c.arguments[tool.arg])
         return self.pick(_ANSWERS).format(thing=tool.thing, Thing=tool.thing.capitalize(), v=v, V=v[0].upper() + v[1:],
-                                          x=fmt(c.result[tool.key]), unit=_after(tool.unit))
+                                          x=fmt(c.result[tool.key]), unit=_after_number(tool.unit))
 
     def single(self, tool: Tool | None = None) -> tuple[Tool, Turn]:
         tool = tool or self.tool()
-        c, extra = self.call(tool, _SUBJECTS[tool.subject][2](self.rng))
+        c, extra = self.call(tool, _SUBJECTS[tool.subject].value(self.rng))
         turn = Turn(self.request(tool, c.arguments[tool.arg], extra), [[c]], self.answer(tool, c),
                     Expect(numbers=[c.result[tool.key]]), [])
         return tool, turn
@@ -286,7 +277,7 @@ def _parallel(g: BroadGen) -> tuple[list[Tool], list[Turn]]:
 def _follow_up(g: BroadGen) -> tuple[list[Tool], list[Turn]]:
     tool, first = g.single()
     c1 = first.rounds[0][0]
-    v = _SUBJECTS[tool.subject][2](g.rng)
+    v = _SUBJECTS[tool.subject].value(g.rng)
     c2, _ = g.call(tool, v)
     c2 = Call(tool.name, c1.arguments | {tool.arg: v}, c2.result | c1.arguments | {tool.arg: v})
     second = Turn(g.pick(_FOLLOWS).format(v=v), [[c2]], g.answer(tool, c2), Expect(numbers=[c2.result[tool.key]]), [])
@@ -371,5 +362,4 @@ def broad_episode(seed: int, index: int) -> Episode:
     rng.shuffle(specs)
     for t in turns:
         t.templates = list(g.templates)
-    return Episode(kind, "train", [s["function"]["name"] for s in specs], turns, {},
-                   specs={s["function"]["name"]: s for s in specs if s["function"]["name"] not in TOOLS})
+    return train_episode(kind, specs, turns)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kimi_k2.data import world
-from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt
-from kimi_k2.data.tools import TOOLS, _hash, _obj, tools_of
+from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
+from kimi_k2.data.tools import _hash, _obj, tools_of
 
 # ---- subjects: what a tool is asked about (argument kind, argument names, value generator) -------------------------
 
@@ -37,12 +37,19 @@ _OBJECTS = ["kettle", "ladder", "mug", "chair", "scarf", "bucket", "hammer", "mi
 _HELDOUT_WORDS = ({c.name.lower() for c in world.HELDOUT_CITIES} | set(world.HELDOUT_CATALOG)
                   | {w for item in world.HELDOUT_CATALOG for w in item.split()}
                   | {e.symbol.lower() for e in world.HELDOUT_ELEMENTS} | {e.name for e in world.HELDOUT_ELEMENTS})
+_LONG_HELDOUT_WORDS = [h for h in _HELDOUT_WORDS if len(h) >= 4]
+
+
+def is_heldout_word(w: str) -> bool:
+    """`w` (any case) is a held-out value or a piece of a held-out value of 4+ letters ("lim" of "lima")."""
+    w = w.lower()
+    return w in _HELDOUT_WORDS or any(w in h for h in _LONG_HELDOUT_WORDS)
 
 
 def _word(rng: random.Random) -> str:
     while True:
         w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice([2, 2, 3]))).capitalize()
-        if w.lower() not in _HELDOUT_WORDS and not any(w.lower() in h for h in _HELDOUT_WORDS if len(h) >= 4):
+        if not is_heldout_word(w):
             return w
 
 
@@ -439,6 +446,4 @@ def generic_episode(seed: int, index: int) -> Episode:
     rng.shuffle(specs)
     for t in turns:
         t.templates = list(g.templates)
-    names = [s["function"]["name"] for s in specs]
-    return Episode(kind, "train", names, turns, {}, specs={s["function"]["name"]: s for s in specs
-                                                           if s["function"]["name"] not in TOOLS})
+    return train_episode(kind, specs, turns)

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from kimi_k2.data.generic import SUBJECTS
-from kimi_k2.data.synthetic import IDENTITY, Call, Episode, Expect, Turn
+from kimi_k2.data.synthetic import IDENTITY, Call, Episode, Expect, Turn, train_episode
 from kimi_k2.data.tools import TOOLS, _obj, tools_of
 
 
@@ -101,5 +101,4 @@ def status_episode(seed: int, index: int) -> Episode:
     rng.shuffle(specs)
     for t in turns:
         t.templates = list(templates)
-    return Episode(kind, "train", [s["function"]["name"] for s in specs], turns, {},
-                   specs={s["function"]["name"]: s for s in specs if s["function"]["name"] not in TOOLS})
+    return train_episode(kind, specs, turns)

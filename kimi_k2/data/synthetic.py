@@ -96,6 +96,13 @@ class Episode:
                 "final_state": self.state}
 
 
+def train_episode(kind: str, specs: list[dict], turns: list[Turn]) -> Episode:
+    """A train episode declaring `specs` in order; the invented ones (not in tools.TOOLS) travel in `Episode.specs`."""
+    names = [s["function"]["name"] for s in specs]
+    return Episode(kind, "train", names, turns, {}, specs={n: s for n, s in zip(names, specs, strict=True)
+                                                           if n not in TOOLS})
+
+
 def fmt(x: float) -> str:
     """Numbers as the answers write them: no exponent, no trailing zeros."""
     return str(int(x)) if float(x) == int(x) else format(Decimal(repr(float(x))), "f")
