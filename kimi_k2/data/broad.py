@@ -21,9 +21,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kimi_k2.data.generic import _HELDOUT_WORDS, Subject, _after_number, date, is_heldout_word
+from kimi_k2.data.generic import _HELDOUT_WORDS, Subject, _after_number, add_distractors, date, is_heldout_word
 from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
-from kimi_k2.data.tools import TOOLS, _hash, _obj, tools_of
+from kimi_k2.data.tools import TOOLS, _hash, _obj
 
 # ---- words ------------------------------------------------------------------------------------------------------
 
@@ -354,12 +354,7 @@ def broad_episode(seed: int, index: int) -> Episode:
     kind = rng.choices(list(KINDS), [w for _, w in KINDS.values()])[0]
     g = BroadGen(rng)
     tools, turns = KINDS[kind][0](g)
-    specs = [t.spec for t in tools]
-    for _ in range(rng.randint(1, 4)):
-        spec = rng.choice(tools_of("train")).spec() if rng.random() < 0.2 else g.tool().spec
-        if spec["function"]["name"] not in {s["function"]["name"] for s in specs}:
-            specs.append(spec)
-    rng.shuffle(specs)
+    specs = add_distractors(rng, [t.spec for t in tools], rng.randint(1, 4), 0.2, lambda: g.tool().spec)
     for t in turns:
         t.templates = list(g.templates)
     return train_episode(kind, specs, turns)

@@ -428,6 +428,18 @@ GENERIC_KINDS: dict[str, tuple[Callable[[GenericGen], tuple[list[GenericTool], l
 }
 
 
+def add_distractors(rng: random.Random, specs: list[dict], n: int, p_train: float,
+                    invent: Callable[[], dict]) -> list[dict]:
+    """`specs` plus up to `n` distractors (each a train tool with probability `p_train`, else `invent()`; a name
+    already declared is skipped), shuffled."""
+    for _ in range(n):
+        spec = rng.choice(tools_of("train")).spec() if rng.random() < p_train else invent()
+        if spec["function"]["name"] not in {s["function"]["name"] for s in specs}:
+            specs.append(spec)
+    rng.shuffle(specs)
+    return specs
+
+
 def generic_episode(seed: int, index: int) -> Episode:
     """Generic train episode `index` of `seed`: its needed tools plus distractors (invented tools of other topics, or
     train tools); a no-tool-fits episode declares 1-3 tools, none of them for the asked topic."""
@@ -435,15 +447,8 @@ def generic_episode(seed: int, index: int) -> Episode:
     kind = rng.choices(list(GENERIC_KINDS), [w for _, w in GENERIC_KINDS.values()])[0]
     g = GenericGen(rng)
     tools, turns = GENERIC_KINDS[kind][0](g)
-    specs = [t.spec for t in tools]
-    for _ in range(rng.randint(1 if not tools else 0, 3)):
-        if rng.random() < 0.3:
-            spec = rng.choice(tools_of("train")).spec()
-        else:
-            spec = g.tool().spec
-        if spec["function"]["name"] not in {s["function"]["name"] for s in specs}:
-            specs.append(spec)
-    rng.shuffle(specs)
+    specs = add_distractors(rng, [t.spec for t in tools], rng.randint(1 if not tools else 0, 3), 0.3,
+                            lambda: g.tool().spec)
     for t in turns:
         t.templates = list(g.templates)
     return train_episode(kind, specs, turns)
