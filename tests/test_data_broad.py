@@ -1,5 +1,6 @@
 import random
 import re
+from pathlib import Path
 
 import pytest
 from data_fixtures import heldout_words_in
@@ -9,11 +10,20 @@ from kimi_k2.data import schema as js
 from kimi_k2.data.cli import train_episodes
 from kimi_k2.data.tools import TOOLS
 from kimi_k2.eval.scoring import answer_ok
+from kimi_k2.tokenizer import Tokenizer
+
+NANO = Path(__file__).resolve().parent.parent / "models" / "k2-nano-instruct"
 
 
 @pytest.fixture(scope="module")
-def episodes():
-    return [broad.broad_episode(5, i) for i in range(2000)]
+def pieces() -> tuple[str, ...]:
+    return broad.word_pieces(Tokenizer.from_pretrained(NANO))
+
+
+@pytest.fixture(scope="module", params=["syllables", "pieces"])
+def episodes(request, pieces):
+    use = pieces if request.param == "pieces" else ()
+    return [broad.broad_episode(5, i, use) for i in range(2000)]
 
 
 def test_deterministic_per_index():
@@ -80,8 +90,9 @@ def test_the_called_tool_shares_a_word_with_the_request_and_no_distractor_shares
     assert refusals > 100
 
 
-def test_mixed_train_set_keeps_the_heldout_property():
-    train = list(train_episodes(9, 3000, 0.3, 0.2, broad_fraction=0.5))
+@pytest.mark.parametrize("with_pieces", [False, True])
+def test_mixed_train_set_keeps_the_heldout_property(with_pieces, pieces):
+    train = list(train_episodes(9, 3000, 0.3, 0.2, broad_fraction=0.5, pieces=pieces if with_pieces else ()))
     n_broad = sum(e.kind.startswith("broad") for e in train)
     assert 1350 < n_broad < 1650
     assert sum(e.kind.startswith("generic") for e in train) > 300
@@ -101,6 +112,35 @@ def test_words_cover_many_tokenizer_pieces():
     made = [broad.word(rng) for _ in range(3000)]
     assert len(set(made)) > 2500
     assert {ch for w in made for ch in w} == set("abcdefghijklmnopqrstuvwxyz")
+
+
+def test_word_pieces_are_the_word_tokens_of_the_tokenizer(pieces):
+    tok = Tokenizer.from_pretrained(NANO)
+    assert all(p.isascii() and p.isalpha() and p == p.lower() and len(p) >= 2 for p in pieces)
+    assert list(pieces) == sorted(set(pieces))
+    for w in ("temperature", "celsius", "element"):  # single tokens of the shipped tokenizer
+        assert len(tok.encode(w)) == 1 and w in pieces
+    assert len(pieces) > 3000
+
+
+def test_piece_words_reach_the_pieces_but_never_a_heldout_topic(pieces):
+    rng = broad.Draws("words", pieces)
+    made = [broad.word(rng) for _ in range(30000)]
+    assert not {w for w in made for v in (w, w.removesuffix("s")) if v in broad._HELDOUT_TOPICS}
+    assert {"temperature", "forecast", "distance", "celsius"} <= broad._HELDOUT_TOPICS
+    text = " ".join(made)
+    assert sum(p in text for p in pieces) > 0.95 * len(pieces)
+    assert sum(w in pieces for w in made) > 0.25 * len(made)  # about a third are one whole piece
+    assert broad.Draws("x").pieces == () and broad.word(broad.Draws("x")) == broad.word(random.Random("x"))
+
+
+def test_synth_cli_names_a_missing_vocab(tmp_path, capsys):
+    from kimi_k2.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "10", "--broad", "0.5",
+                 "--vocab", str(tmp_path / "nope")]) == 1
+    assert f"kimi-k2 data: error: no tiktoken.model in {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_synth_cli_names_a_bad_fraction(tmp_path, capsys):

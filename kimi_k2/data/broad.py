@@ -3,13 +3,19 @@
 generic.py invents tools from 24 fixed topics and values from small word lists, so a small model still meets only a
 few hundred distinct tokens in the places it must copy or match, and learns them rather than the skill: on held-out
 requests it copies a train item ("bamboo ladder") for "desk lamp" and calls whichever tool it saw most. Here the
-words come from a syllable generator over the whole alphabet, so argument values and topic words cover the
-tokenizer's pieces broadly; the skills are the same ones, spread over that vocabulary:
+words come from a syllable generator over the whole alphabet and, given a tokenizer (`--vocab`), from its word pieces
+too, so argument values and topic words cover the vocabulary; the skills are the same ones, spread over it:
 - pick the declared tool whose name, description (an alias the request may use instead) or enum values share words
   with the request, among 1-4 distractors; refuse when none does;
 - copy argument values out of the request: names, codes, dates, numbers, and enum words into the right arguments;
 - answer by quoting the result's numbers with their unit.
 Requests are composed from an opener, one of many sentence patterns and a closer, so no one phrasing dominates.
+
+Why the word pieces: a token that is never a training target has its output row pushed toward the common "never
+emit" direction by every SFT step (measured on the third SFT pass: 4,500 of 6,400 rows at cosine 0.99 with their
+mean, against 0.67 after pretraining), and then no amount of skill can copy it: the held-out call
+`convert_temperature(..., "celsius")` cost 12-19 nats at "temperature" and "celsius". Built from the pieces, invented
+words make every word piece a copy target, in names, values and answers, with and without a leading space.
 
 Nothing here is held out: words that are held-out values are never made, numeric arguments are integers >= 7 or
 non-integers >= 401 as in synthetic.py, held-out topics (temperatures, forecasts, distances, day counts, elements,
@@ -24,6 +30,11 @@ from dataclasses import dataclass
 from kimi_k2.data.generic import _HELDOUT_WORDS, Subject, _after_number, add_distractors, date, is_heldout_word
 from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
 from kimi_k2.data.tools import TOOLS, _hash, _obj
+from kimi_k2.tokenizer import Tokenizer
+
+# the topics of the held-out tools, never a whole invented word (a piece of a longer one is fine)
+_HELDOUT_TOPICS = {w for t in TOOLS.values() if t.split == "heldout" for w in t.name.split("_")} - {
+    "get", "add", "to", "view", "lookup", "convert", "city", "split"} | {"celsius", "fahrenheit", "kelvin"}
 
 # ---- words ------------------------------------------------------------------------------------------------------
 
@@ -52,11 +63,36 @@ _QUANTITIES = ["length", "weight", "volume", "area", "speed", "energy", "pressur
 _VERBS = ["get", "lookup", "fetch", "find", "check", "query", "read", "compute", "estimate", "show", "list", "search"]
 
 
+class Draws(random.Random):
+    """The random source of one episode, with the word pieces its invented words may be made of (none: syllables)."""
+
+    def __init__(self, seed: str, pieces: tuple[str, ...] = ()):
+        super().__init__(seed)
+        self.pieces = pieces
+
+
+def word_pieces(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The tokenizer's word tokens of two or more ASCII letters, lowercased, without their leading space."""
+    pieces = set()
+    for i in range(tokenizer.num_base_tokens):
+        text = tokenizer.id_to_token_bytes(i).decode("utf-8", errors="replace").removeprefix(" ")
+        if len(text) >= 2 and text.isascii() and text.isalpha():
+            pieces.add(text.lower())
+    return tuple(sorted(pieces))
+
+
 def word(rng: random.Random, syllables: int | None = None) -> str:
-    """A lowercase invented word of 1-3 syllables that is no held-out value."""
+    """A lowercase invented word, no held-out value nor held-out topic: 1-3 syllables, or with word pieces (`Draws`)
+    half the time one or two of them."""
+    pieces = rng.pieces if isinstance(rng, Draws) else ()
     while True:
-        n = syllables or rng.choice([1, 2, 2, 2, 2, 3])
-        w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(n))
+        if pieces and rng.random() < 0.5:
+            w = "".join(rng.choice(pieces) for _ in range(1 if syllables == 1 else rng.choice([1, 1, 2])))
+            if {w, w.removesuffix("s")} & _HELDOUT_TOPICS:
+                continue
+        else:
+            n = syllables or rng.choice([1, 2, 2, 2, 2, 3])
+            w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(n))
         if 3 <= len(w) <= 14 and not is_heldout_word(w):
             return w
 
@@ -178,8 +214,10 @@ def make_tool(rng: random.Random, taken: set[str]) -> Tool:
     spec = {"type": "function", "function": {"name": name, "description": desc,
                                              "parameters": _obj(names[:1] + [n for n in names[1:]
                                                                              if rng.random() < 0.7], **props)}}
-    return Tool(spec, thing, alias, _snake(thing) if rng.random() < 0.6 else rng.choice(["value", "result", "amount"]),
-                unit, rng.choice([0, 0, 1, 2]), subject, arg, count, option, choices)
+    key = _snake(thing) if rng.random() < 0.6 else rng.choice(["value", "result", "amount"])
+    if key in {"unit", *names}:  # the result holds the arguments and the unit too
+        key = "result"
+    return Tool(spec, thing, alias, key, unit, rng.choice([0, 0, 1, 2]), subject, arg, count, option, choices)
 
 
 # ---- requests and answers ------------------------------------------------------------------------------------------
@@ -347,10 +385,10 @@ KINDS = {"broad_single": (_single, 40), "broad_parallel": (_parallel, 15), "broa
          "broad_refusal": (_refusal, 10), "broad_convert": (_convert, 12), "broad_numeric": (_numeric, 11)}
 
 
-def broad_episode(seed: int, index: int) -> Episode:
+def broad_episode(seed: int, index: int, pieces: tuple[str, ...] = ()) -> Episode:
     """Broad train episode `index` of `seed`: its tools plus 1-4 distractors (invented tools of other topics, or train
-    tools); a refusal declares 1-4 tools, none of them for the request."""
-    rng = random.Random(f"{seed}/broad/{index}")
+    tools); a refusal declares 1-4 tools, none of them for the request. `pieces`: see `word_pieces`."""
+    rng = Draws(f"{seed}/broad/{index}", pieces)
     kind = rng.choices(list(KINDS), [w for _, w in KINDS.values()])[0]
     g = BroadGen(rng)
     tools, turns = KINDS[kind][0](g)

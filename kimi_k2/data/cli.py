@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kimi_k2.data import broad, corpus, generic, status, synthetic
+from kimi_k2.tokenizer import Tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
 
@@ -26,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of the rest over one-word-result tools and self-introductions (status.py)")
     p.add_argument("--broad", type=float, default=0.0, metavar="F",
                    help="fraction of train conversations over open-vocabulary invented tools (broad.py), drawn first")
+    p.add_argument("--vocab", type=Path, default=None, metavar="DIR",
+                   help="a tokenizer directory: broad.py also makes its invented words of this tokenizer's word pieces")
     p = sub.add_parser("corpus", help="pretraining corpus from text already on the machine, as JSONL")
     p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
     p.add_argument("--sources", default=",".join(corpus.DEFAULT_SOURCES),
@@ -50,13 +53,13 @@ def write_benchmarks(out: Path) -> dict[str, int]:
 
 
 def train_episodes(seed: int, n: int, generic_fraction: float, status_fraction: float = 0.0,
-                   broad_fraction: float = 0.0) -> Iterator[synthetic.Episode]:
+                   broad_fraction: float = 0.0, pieces: tuple[str, ...] = ()) -> Iterator[synthetic.Episode]:
     """Train episode i is broad with probability `broad_fraction`, else generic with probability `generic_fraction`,
     else a status episode with probability `status_fraction`, else synthetic (each a seeded draw of its own, so one
-    fraction never reshuffles the others)."""
+    fraction never reshuffles the others). `pieces`: the word pieces of broad episodes (`broad.word_pieces`)."""
     for i in range(n):
         if broad_fraction and random.Random(f"{seed}/broad-mix/{i}").random() < broad_fraction:
-            yield broad.broad_episode(seed, i)
+            yield broad.broad_episode(seed, i, pieces)
         elif random.Random(f"{seed}/mix/{i}").random() < generic_fraction:
             yield generic.generic_episode(seed, i)
         elif random.Random(f"{seed}/status-mix/{i}").random() < status_fraction:
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         for flag, value in (("--generic", args.generic), ("--status", args.status), ("--broad", args.broad)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{flag} must be in [0, 1], got {value}")
-        train = list(train_episodes(args.seed, args.n, args.generic, args.status, args.broad))
+        pieces = broad.word_pieces(Tokenizer.from_pretrained(args.vocab)) if args.vocab else ()
+        train = list(train_episodes(args.seed, args.n, args.generic, args.status, args.broad, pieces))
         heldout = list(synthetic.episodes(args.seed, "heldout", heldout_n))
         synthetic.check_heldout(train, heldout)
         args.out.mkdir(parents=True, exist_ok=True)
