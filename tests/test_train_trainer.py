@@ -235,3 +235,22 @@ def test_tensorboard_logs_the_same_scalars_as_the_jsonl(tmp_path, tokens):
     got = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [s for s, _ in got] == [r["step"] for r in logged]
     assert [v for _, v in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+
+
+@pytest.mark.parametrize("optim", ["muonclip", "adamw"])
+def test_frozen_parameters_stay_as_loaded(tmp_path, tokens, optim):
+    t = Trainer(recipe(tokens, tmp_path / "f", f"optim.name='{optim}'", "train.freeze=['embed_tokens', 'lm_head']"))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    for step in range(2):
+        t.train_step(step, track_logits=False)
+    after = dict(t.model.named_parameters())
+    frozen = {n for n in before if "embed_tokens" in n or "lm_head" in n}
+    assert frozen == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(torch.equal(before[n], after[n]) for n in frozen)  # no update, no weight decay
+    assert not torch.equal(before["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+                           after["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_an_error(tmp_path, tokens):
+    with pytest.raises(ValueError, match=r"\[train\] freeze: 'lm_haed' matches no parameter"):
+        Trainer(recipe(tokens, tmp_path / "f", "train.freeze=['lm_haed']"))

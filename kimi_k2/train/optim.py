@@ -20,7 +20,8 @@ QKClipFn = Callable[[torch.Tensor], dict[str, Any]]
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> tuple[torch.optim.Optimizer, QKClipFn | None]:
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         return opt, None
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = MuonClip(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=betas, eps=cfg.eps)

@@ -81,6 +81,9 @@ class TrainSection:
     ckpt_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
     moe_bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
+    # parameters whose names contain one of these stay as loaded, e.g. ["embed_tokens", "lm_head"] in SFT so the
+    # output rows of tokens the SFT data never targets keep their pretrained directions (experiments/README.md)
+    freeze: list[str] = field(default_factory=list)
     expert_parallel: bool = False  # under torchrun: shard the routed experts over the ranks (all-to-all dispatch)
     export: bool = True  # write the final model in HF layout to out_dir/final
     export_fp8: bool = False

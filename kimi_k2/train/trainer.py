@@ -30,6 +30,7 @@ from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_path
 from kimi_k2.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, shutdown, wrap_data_parallel
 from kimi_k2.train.expert_parallel import gather_full_state_dict, shard_experts
 from kimi_k2.train.optim import build_optimizer
+from kimi_k2.train.param_groups import freeze
 from kimi_k2.train.recipe import Recipe
 from kimi_k2.train.schedules import Schedule, set_lr
 
@@ -88,6 +89,7 @@ class Trainer:
         else:
             self.model = K2ForCausalLM.from_config(self.config, dtype=torch.float32)
         self.model.to(self.device).train()
+        freeze(self.model, t.freeze)
         self.local_experts: list[str] = []  # expert-parallel: this rank's expert parameter names
         if t.expert_parallel and self.dist.enabled:
             self.local_experts = shard_experts(self.model, self.dist.rank, self.dist.world_size)
