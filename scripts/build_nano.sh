@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build K2-Nano from nothing, offline, with this project's own pipeline:
 #   prepare: corpus -> BPE tokenizer -> pretraining text (corpus + rendered chats)
-#   train:   synthetic SFT conversations -> Base (pretrain) -> Instruct (SFT, three passes) -> block-FP8 directories
+#   train:   synthetic SFT conversations -> Base (pretrain) -> Instruct (SFT, five passes) -> block-FP8 directories
 # Usage (from the repo root):
 #   scripts/build_nano.sh [all|prepare|train]            all (default) = prepare, then train
 # On a CPU (default) the runs are shortened: BASE_STEPS=200, MB_BASE=8, SFT_STEPS=600, MB_SFT=4 (set any of them to
-# change that; measured 40 min on one core up to the first SFT pass); the second and third SFT passes (~35 min on one
-# core, ~48 min on two) are CPU-sized as they stand. With GPU=1 the recipes run as they stand (the shipped models:
-# recipes/k2-nano-{base,instruct,instruct-stage2,instruct-stage3}.toml), the first two in bf16 autocast; `prepare` runs
-# on the CPU machine whose Python stdlib the corpus comes from (copy runs/nano/{tokenizer,text} to the GPU machine).
+# change that; measured 40 min on one core up to the first SFT pass); the second to fifth SFT passes (36, 48, 39 and
+# 14 min on this box) are CPU-sized as they stand. With GPU=1 the recipes run as they stand (the shipped models:
+# recipes/k2-nano-{base,instruct,instruct-stage2,instruct-stage3,instruct-stage4,instruct-stage5}.toml), the first two
+# in bf16 autocast; `prepare` runs on the CPU machine whose Python stdlib the corpus comes from (copy
+# runs/nano/{tokenizer,text} to the GPU machine).
 # KIMI=path/to/kimi-k2 (default .venv/bin/kimi-k2), PY=python (default .venv/bin/python).
 # Work files go to runs/nano/ (a rerun resumes the training runs from their checkpoints; rm -rf runs/nano to start
 # over); the shipped directories are models/k2-nano-base and models/k2-nano-instruct (replaced).
@@ -44,6 +45,8 @@ if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
   synth "$W/sft" 20000 0 0.5
   "$KIMI" data synth --out "$W/sft2" --n 20000 --seed 20 --generic 0.4 --status 0.25
   "$KIMI" data synth --out "$W/sft3" --n 20000 --seed 40 --broad 0.5 --generic 0.3 --status 0.25
+  "$KIMI" data synth --out "$W/sft4" --n 20000 --seed 50 --broad 0.6 --generic 0.25 --status 0.3 --vocab "$W/tokenizer"
+  "$KIMI" data synth --out "$W/sft6" --n 8000 --seed 70 --broad 0.5 --generic 0.15 --status 0.6 --vocab "$W/tokenizer"
   if [ "${GPU:-0}" = 1 ]; then
     base=(--set train.dtype='"bfloat16"' --set train.threads=4)
     sft=("${base[@]}" --set data.workers=14)
@@ -59,7 +62,9 @@ if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
   "$KIMI" train --config recipes/k2-nano-instruct.toml "${sft[@]}"
   "$KIMI" train --config recipes/k2-nano-instruct-stage2.toml
   "$KIMI" train --config recipes/k2-nano-instruct-stage3.toml
+  "$KIMI" train --config recipes/k2-nano-instruct-stage4.toml
+  "$KIMI" train --config recipes/k2-nano-instruct-stage5.toml
   "$KIMI" convert "$W/base/final" models/k2-nano-base --to fp8 --overwrite --no-progress
-  "$KIMI" convert "$W/instruct3/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
+  "$KIMI" convert "$W/instruct5/final" models/k2-nano-instruct --to fp8 --overwrite --no-progress
   "$PY" scripts/nano_check.py models/k2-nano-instruct
 fi
