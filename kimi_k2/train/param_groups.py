@@ -64,17 +64,14 @@ def param_groups(
     return [g for g in groups.values() if g["params"]]
 
 
-def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Turn off gradients for the parameters whose names contain one of `patterns`; returns their names. A pattern
-    that matches no parameter is an error (a typo would otherwise silently train everything)."""
-    names = [n for n, _ in model.named_parameters()]
+def freeze(model: nn.Module, patterns: list[str]) -> None:
+    """Turn off gradients for the parameters whose names contain one of `patterns`. A pattern that matches no
+    parameter is an error (a typo would otherwise silently train everything)."""
+    named = list(model.named_parameters())
     for pattern in patterns:
-        if not any(pattern in n for n in names):
+        if not any(pattern in n for n, _ in named):
             raise ValueError(f"[train] freeze: {pattern!r} matches no parameter of the model (names look like "
-                             f"{names[0]!r}, {names[-1]!r})")
-    frozen = []
-    for name, p in model.named_parameters():
+                             f"{named[0][0]!r}, {named[-1][0]!r})")
+    for name, p in named:
         if any(pattern in name for pattern in patterns):
             p.requires_grad_(False)
-            frozen.append(name)
-    return frozen
