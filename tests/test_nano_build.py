@@ -14,7 +14,7 @@ from kimi_k2.train.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["k2-nano-base.toml", "k2-nano-instruct.toml", "k2-nano-instruct-stage2.toml",
-           "k2-nano-instruct-stage3.toml"]
+           "k2-nano-instruct-stage3.toml", "k2-nano-instruct-stage4.toml", "k2-nano-instruct-stage5.toml"]
 
 
 def test_base_recipe_builds_the_shipped_config() -> None:
