@@ -23,7 +23,9 @@ def pieces() -> tuple[str, ...]:
 @pytest.fixture(scope="module", params=["syllables", "pieces"])
 def episodes(request, pieces):
     use = pieces if request.param == "pieces" else ()
-    return [broad.broad_episode(5, i, use) for i in range(2000)]
+    return ([broad.broad_episode(5, i, use) for i in range(2000)]
+            + [broad.session_episode(5, i, use) for i in range(300)]
+            + [broad.broad_episode(5, i, use, cased=True) for i in range(2000, 2400)])
 
 
 def test_deterministic_per_index():
@@ -33,7 +35,7 @@ def test_deterministic_per_index():
 
 
 def test_every_kind_appears_and_calls_fit_the_declared_tools(episodes):
-    assert {e.kind for e in episodes} == set(broad.KINDS)
+    assert {e.kind for e in episodes} == set(broad.KINDS) | {"broad_session"}
     for e in episodes:
         conv = e.conversation()
         declared = {t["function"]["name"]: t["function"]["parameters"] for t in conv["tools"]}
@@ -92,7 +94,8 @@ def test_the_called_tool_shares_a_word_with_the_request_and_no_distractor_shares
 
 @pytest.mark.parametrize("with_pieces", [False, True])
 def test_mixed_train_set_keeps_the_heldout_property(with_pieces, pieces):
-    train = list(train_episodes(9, 3000, 0.3, 0.2, broad_fraction=0.5, pieces=pieces if with_pieces else ()))
+    train = list(train_episodes(9, 3000, 0.3, 0.2, broad_fraction=0.5, pieces=pieces if with_pieces else (),
+                                session_fraction=0.3))
     n_broad = sum(e.kind.startswith("broad") for e in train)
     assert 1350 < n_broad < 1650
     assert sum(e.kind.startswith("generic") for e in train) > 300
@@ -105,6 +108,51 @@ def test_mixed_train_set_keeps_the_heldout_property(with_pieces, pieces):
 def test_broad_zero_leaves_the_older_mixes_unchanged():
     old = [e.conversation() for e in train_episodes(3, 200, 0.5, 0.25)]
     assert old == [e.conversation() for e in train_episodes(3, 200, 0.5, 0.25, broad_fraction=0.0)]
+
+
+def test_sessions_zero_leaves_the_broad_mix_unchanged_and_sessions_replace_broad_episodes_only():
+    old = [e.conversation() for e in train_episodes(3, 300, 0.3, 0.2, broad_fraction=0.5)]
+    assert old == [e.conversation() for e in train_episodes(3, 300, 0.3, 0.2, broad_fraction=0.5,
+                                                            session_fraction=0.0)]
+    new = [e.conversation() for e in train_episodes(3, 300, 0.3, 0.2, broad_fraction=0.5, session_fraction=0.5)]
+    changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+    assert 40 < len(changed) < 110
+    assert all(a["kind"].startswith("broad") and b["kind"] == "broad_session" for a, b in changed)
+
+
+def test_cased_zero_leaves_the_mix_unchanged_and_cased_episodes_vary_the_case_of_topic_words():
+    old = [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, broad_fraction=0.5, session_fraction=0.3)]
+    assert old == [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, broad_fraction=0.5,
+                                                            session_fraction=0.3, cased_fraction=0.0)]
+    new = [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, broad_fraction=0.5, session_fraction=0.3,
+                                                    cased_fraction=0.5)]
+    changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+    assert 40 < len(changed) < 110 and all(a["kind"] == b["kind"] and a["kind"].startswith("broad")
+                                           for a, b in changed)
+    plain = [broad.broad_episode(6, i) for i in range(400)]
+    cased = [broad.broad_episode(6, i, cased=True) for i in range(400)]
+
+    def capitalised_topics(eps):  # invented tools whose description writes a word of their name capitalised
+        return sum(any(f" {w.capitalize()}" in spec["function"]["description"]
+                       for w in spec["function"]["name"].split("_") if len(w) > 3 and w.islower())
+                   for e in eps for spec in e.tool_specs() if spec["function"]["name"] not in TOOLS)
+
+    assert capitalised_topics(plain) == 0 and capitalised_topics(cased) > 40
+    leading = [e for e in cased if e.kind == "broad_single" and e.turns[0].templates[0] in broad._LEADING_ASKS]
+    assert len(leading) > 20
+
+
+def test_a_session_asks_for_each_declared_tool_once(episodes):
+    sessions = [e for e in episodes if e.kind == "broad_session"]
+    assert len(sessions) == 300
+    for e in sessions:
+        called = [c.name for turn in e.turns for calls in turn.rounds for c in calls]
+        assert 3 <= len(called) == len(set(called)) <= 4
+        assert len(e.tools) - len(called) in (0, 1)  # at most one distractor
+        assert sum(not t.rounds for t in e.turns) <= 1  # at most one refusal
+        assert all(len(t.rounds) <= 1 and len(t.rounds[0] if t.rounds else []) <= 1 for t in e.turns)
+    orders = {tuple(c.name == e.tools[0] for t in e.turns for calls in t.rounds for c in calls) for e in sessions}
+    assert len(orders) > 3  # the turns do not follow the declaration order
 
 
 def test_words_cover_many_tokenizer_pieces():

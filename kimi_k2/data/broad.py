@@ -64,11 +64,21 @@ _VERBS = ["get", "lookup", "fetch", "find", "check", "query", "read", "compute",
 
 
 class Draws(random.Random):
-    """The random source of one episode, with the word pieces its invented words may be made of (none: syllables)."""
+    """The random source of one episode, with the word pieces its invented words may be made of (none: syllables),
+    and whether its words vary in case between the tools and the requests (`cased`)."""
 
-    def __init__(self, seed: str, pieces: tuple[str, ...] = ()):
+    def __init__(self, seed: str, pieces: tuple[str, ...] = (), cased: bool = False):
         super().__init__(seed)
         self.pieces = pieces
+        self.cased = cased
+
+
+def recase(rng: random.Random, text: str) -> str:
+    """In a `cased` episode, half the time `text` Capitalised or in Title Case (as descriptions and sentence starts
+    write words that requests and enums write in lower case: "Celsius" / "celsius", "Forecast" / "forecast")."""
+    if not (isinstance(rng, Draws) and rng.cased) or rng.random() < 0.5:
+        return text
+    return text.capitalize() if rng.random() < 0.5 else text.title()
 
 
 def word_pieces(tokenizer: Tokenizer) -> tuple[str, ...]:
@@ -188,7 +198,7 @@ def make_tool(rng: random.Random, taken: set[str]) -> Tool:
     desc = rng.choice(["Get the {thing} of a {noun}.", "Returns the current {thing} for the given {noun}.",
                        "{Thing} lookup by {noun} (invented data).", "Look up {thing} data for one {noun}.",
                        "The {thing} of a {noun}, from the {word} service.", "Reports a {noun}'s {thing}."])
-    desc = desc.format(thing=thing, Thing=thing.capitalize(), noun=noun, word=word(rng))
+    desc = desc.format(thing=recase(rng, thing), Thing=thing.capitalize(), noun=noun, word=word(rng))
     if alias:
         desc += rng.choice([f" Also called {alias}.", f" ({alias})", f" Use it for {alias} questions."])
     props: dict[str, dict] = {arg: {"type": "string"}}
@@ -235,6 +245,7 @@ _ASKS = ["what is the {thing} of {v}{extra}?", "can you look up the {thing} for 
          "any idea what the {thing} of {v} is{extra}?", "could you get me the {thing} for the {noun} {v}{extra}?",
          "report the {thing} for {v}{extra}.", "{v} - what is its {thing}{extra}?", "the {thing} at {v}{extra}?",
          "how about the {thing} for {v}{extra}?", "need {thing} info for {v}{extra}"]
+_LEADING_ASKS = [a for a in _ASKS if a.startswith("{thing}")]  # the topic word opens the request, capitalised
 _CLOSERS = ["", "", "", " Thanks!", " Please.", " Use the tool.", " Thank you."]
 _EXTRA_COUNT = [" for {n} {count}", ", {n} {count}", " with {n} {count}", " ({n} {count})"]
 _EXTRA_OPTION = [" in {o}", " by {o}", ", {o}", " ({o})", " using {o}"]
@@ -280,8 +291,10 @@ class BroadGen:
 
     def request(self, tool: Tool, v: str, extra: str) -> str:
         thing = tool.alias if tool.alias and self.rng.random() < 0.5 else tool.thing
-        core = self.pick(_ASKS).format(thing=thing, v=v, extra=extra, noun=_SUBJECTS[tool.subject].noun)
-        text = self.rng.choice(_OPENERS) + core
+        leading = isinstance(self.rng, Draws) and self.rng.cased and self.rng.random() < 0.3
+        core = self.pick(_LEADING_ASKS if leading else _ASKS).format(thing=thing, v=v, extra=extra,
+                                                                      noun=_SUBJECTS[tool.subject].noun)
+        text = ("" if leading else self.rng.choice(_OPENERS)) + core
         text = text if text.startswith(v) else text[0].upper() + text[1:]  # a value keeps its case
         return text + self.rng.choice(_CLOSERS) if text[-1] in ".?!" else text + self.rng.choice(["", "."])
 
@@ -342,7 +355,8 @@ def _convert(g: BroadGen) -> tuple[list[Tool], list[Turn]]:
     src, dst = g.rng.choice([("from_unit", "to_unit"), ("source", "target"), ("from", "to"), ("unit_in", "unit_out")])
     name = g.rng.choice([f"convert_{_snake(quantity)}", f"{_snake(quantity)}_converter", f"{_snake(quantity)}_convert"])
     spec = {"type": "function", "function": {
-        "name": name, "description": f"Convert a {quantity} between {', '.join(units[:-1])} and {units[-1]}.",
+        "name": name, "description": f"Convert a {quantity} between {', '.join(recase(g.rng, u) for u in units[:-1])}"
+                                     f" and {recase(g.rng, units[-1])}.",
         "parameters": _obj(["value", src, dst], value={"type": "number"}, **{src: {"type": "string", "enum": units},
                                                                               dst: {"type": "string", "enum": units}})}}
     n = amount(g.rng)
@@ -385,10 +399,33 @@ KINDS = {"broad_single": (_single, 40), "broad_parallel": (_parallel, 15), "broa
          "broad_refusal": (_refusal, 10), "broad_convert": (_convert, 12), "broad_numeric": (_numeric, 11)}
 
 
-def broad_episode(seed: int, index: int, pieces: tuple[str, ...] = ()) -> Episode:
+def session_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False) -> Episode:
+    """Broad session episode `index` of `seed`: 3-4 tools declared once (and at most one distractor), then one user
+    turn for each of them in random order, sometimes with a refusal among them. The tool declarations are most of a
+    conversation's tokens; here each buys several choices among the same tools, each right one a different tool, so a
+    pick must come from the request rather than from which tool looks likeliest."""
+    rng = Draws(f"{seed}/broad-session/{index}", pieces, cased)
+    g = BroadGen(rng)
+    tools, turns = [], []
+    n = rng.randint(3, 4)
+    while len(tools) < n:
+        (tool,), (turn,) = rng.choices([_single, _convert, _numeric], [40, 12, 11])[0](g)
+        if tool.name not in {t.name for t in tools}:  # two conversions of one quantity would share a name
+            tools.append(tool)
+            turns.append(turn)
+    if rng.random() < 0.3:
+        turns += _refusal(g)[1]
+    rng.shuffle(turns)
+    specs = add_distractors(rng, [t.spec for t in tools], rng.randint(0, 1), 0.2, lambda: g.tool().spec)
+    for t in turns:
+        t.templates = list(g.templates)
+    return train_episode("broad_session", specs, turns)
+
+
+def broad_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False) -> Episode:
     """Broad train episode `index` of `seed`: its tools plus 1-4 distractors (invented tools of other topics, or train
     tools); a refusal declares 1-4 tools, none of them for the request. `pieces`: see `word_pieces`."""
-    rng = Draws(f"{seed}/broad/{index}", pieces)
+    rng = Draws(f"{seed}/broad/{index}", pieces, cased)
     kind = rng.choices(list(KINDS), [w for _, w in KINDS.values()])[0]
     g = BroadGen(rng)
     tools, turns = KINDS[kind][0](g)
