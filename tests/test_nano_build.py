@@ -37,6 +37,13 @@ def test_recipes_chain_base_to_instruct() -> None:
         assert (ROOT / "recipes" / nxt["model"]["init_from"]).resolve() == (ROOT / prev["train"]["out_dir"] / "final"
                                                                              ).resolve()
     assert all(not p.endswith("heldout.jsonl") for r in raw[1:] for p in r["data"]["paths"])
+    # the sixth pass tried in experiment 4 starts from the fifth (shipped) one; its paths are relative to its own folder
+    tried = ROOT / "experiments" / "k2_nano" / "sixth_pass.toml"
+    sixth = tomllib.loads(tried.read_text())
+    assert (tried.parent / sixth["model"]["init_from"]).resolve() == (ROOT / raw[-1]["train"]["out_dir"] / "final"
+                                                                      ).resolve()
+    assert (tried.parent / sixth["data"]["tokenizer"]).resolve() == (ROOT / "recipes" / raw[-1]["data"]["tokenizer"]
+                                                                     ).resolve()
 
 
 def test_nano_text_renders_chats_for_tokenizer_and_pretraining(tmp_path: Path) -> None:
