@@ -50,6 +50,8 @@ def test_picks_on_train_tool_conversations(nano, tmp_path):
     picks = tool_choice.first_picks(model, tok, choices)
     assert sum(picks.total.values()) == 20 and sum(picks.right.values()) >= 17
     assert len(picks.p_right) == 20 and sum(picks.p_right) / 20 > 0.8
+    corrected = tool_choice.first_picks(model, tok, choices[:4], prior=True)  # scores minus a neutral request's
+    assert sum(corrected.total.values()) == 4 and corrected.p_call[True] == picks.p_call[True][:4]
     right = sum(picks.right.values())
     assert re.fullmatch(rf"first pick {right}/20, mean p\(right tool\) [01]\.\d{{3}} \| "
                         r"p\(call\) when needed [01]\.\d\d, on refusals nan", picks.line())
@@ -60,3 +62,18 @@ def test_heldout_choices_cover_the_benchmark():
     assert len(choices) == 100
     assert sum(c.want is None for c in choices) == 10  # the refusals
     assert all(c.want is None or c.want in {t["function"]["name"] for t in c.tools} for c in choices)
+
+
+def test_probes_rewrite_the_request():
+    c = tool_choice.Choice([{"role": "user", "content": "What is the Tide height of Brusk? Thanks"}],
+                           [{"type": "function", "function": {"name": "get_tide_height",
+                                                              "description": "Get the tide height of a place."}}],
+                           "get_tide_height")
+    assert tool_choice.rewrite(c, "name").messages[-1]["content"] == "What is the Tide height of Brusk? Thanks " \
+                                                                     "(use get_tide_height)"
+    assert tool_choice.rewrite(c, "mask").messages[-1]["content"] == "What is the thing thing of Brusk? Thanks"
+    assert tool_choice.rewrite(c, "mask+name").messages[-1]["content"].endswith("thing of Brusk? Thanks "
+                                                                                 "(use get_tide_height)")
+    assert tool_choice.rewrite(c, "prior") is c and c.messages[-1]["content"].startswith("What is the Tide")
+    refusal = tool_choice.Choice(c.messages, c.tools, None)
+    assert tool_choice.rewrite(refusal, "mask") is refusal

@@ -11,14 +11,22 @@ On the held-out tool_use benchmark (default), or with `--conversations FILE` on 
 conversation of a `kimi-k2 data synth` file that declares two tools or more (the train distribution, new seeds):
 the gap between the two is how far the selection skill carries to tools and phrasings never trained.
 
+Probes, rewriting the last user message: `--probe name` appends the expected tool's own name ("... (use
+get_forecast)"); `--probe mask` replaces each request word that occurs in the expected tool's name or description by
+"thing"; `--probe mask+name` does both; `--probe prior` leaves the request and subtracts each tool's score under the
+neutral request "Hello." before picking.
+
     python experiments/k2_nano/tool_choice.py models/k2-nano-instruct runs/nano/instruct4/final
-    python experiments/k2_nano/tool_choice.py models/k2-nano-instruct --conversations runs/probe/train.jsonl
+    python experiments/k2_nano/tool_choice.py models/k2-nano-instruct --conversations runs/probe/train.jsonl \
+        --kind broad_single --limit 80 --probe mask
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -58,11 +66,13 @@ def heldout_choices() -> list[Choice]:
             for t in load_tasks("tool_use")[1]]
 
 
-def conversation_choices(path: str, limit: int) -> list[Choice]:
+def conversation_choices(path: str, limit: int, kind: str | None = None) -> list[Choice]:
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             c = json.loads(line)
+            if kind and c["kind"] != kind:
+                continue
             msgs, tools = c["messages"], c.get("tools") or []
             first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             if len(tools) >= 2 and msgs[first].get("tool_calls"):
@@ -86,11 +96,34 @@ def opening_logprob(model: K2ForCausalLM, tok: Tokenizer, messages: list[dict], 
     return lp[start - 1:].sum().item(), lp[start - 1].item()
 
 
-def first_picks(model: K2ForCausalLM, tok: Tokenizer, choices: list[Choice]) -> Picks:
+_STOPWORDS = {"the", "of", "a", "an", "for", "to", "by", "in", "and", "get", "data", "one"}
+
+
+def rewrite(c: Choice, probe: str) -> Choice:
+    """`c` with its last user message rewritten by `probe` (name, mask, mask+name; anything else: unchanged)."""
+    if c.want is None or probe not in ("name", "mask", "mask+name"):
+        return c
+    c = copy.deepcopy(c)
+    text = c.messages[-1]["content"]
+    if "mask" in probe:
+        f = next(t["function"] for t in c.tools if t["function"]["name"] == c.want)
+        own = set(re.findall(r"[a-z]+", f"{f['name'].replace('_', ' ')} {f.get('description', '')}".lower()))
+        text = re.sub(r"[A-Za-z]+", lambda m: "thing" if m[0].lower() in own - _STOPWORDS else m[0], text)
+    if "name" in probe:
+        text += f" (use {c.want})"
+    c.messages[-1]["content"] = text
+    return c
+
+
+def first_picks(model: K2ForCausalLM, tok: Tokenizer, choices: list[Choice], prior: bool = False) -> Picks:
+    """Picks over `choices`; with `prior`, each tool's score under a neutral request is subtracted first."""
     picks = Picks()
     for c in choices:
         names = [d["function"]["name"] for d in c.tools]
         scored = {n: opening_logprob(model, tok, c.messages, c.tools, n) for n in names}
+        if prior:
+            neutral = c.messages[:-1] + [{"role": "user", "content": "Hello."}]
+            scored = {n: (s - opening_logprob(model, tok, neutral, c.tools, n)[0], o) for n, (s, o) in scored.items()}
         picks.p_call[c.want is not None].append(torch.tensor(scored[names[0]][1]).exp().item())
         if c.want is not None:
             picks.total[c.want] += 1
@@ -105,11 +138,15 @@ def main() -> None:
     ap.add_argument("models", nargs="+", help="model directories")
     ap.add_argument("--conversations", help="a synth train.jsonl instead of the held-out benchmark")
     ap.add_argument("--limit", type=int, default=250, help="decisions read from --conversations")
+    ap.add_argument("--kind", help="only --conversations of this kind (e.g. broad_single)")
+    ap.add_argument("--probe", choices=["none", "name", "mask", "mask+name", "prior"], default="none")
     args = ap.parse_args()
-    choices = conversation_choices(args.conversations, args.limit) if args.conversations else heldout_choices()
+    choices = (conversation_choices(args.conversations, args.limit, args.kind) if args.conversations
+               else heldout_choices())
+    choices = [rewrite(c, args.probe) for c in choices]
     for path in args.models:
         model = K2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        picks = first_picks(model, Tokenizer.from_pretrained(path), choices)
+        picks = first_picks(model, Tokenizer.from_pretrained(path), choices, prior=args.probe == "prior")
         print(f"{path}: {picks.line()}")
         if not args.conversations:
             print("    " + "  ".join(f"{n} {picks.right[n]}/{picks.total[n]}" for n in sorted(picks.total)))
