@@ -10,6 +10,8 @@ too, so argument values and topic words cover the vocabulary; the skills are the
 - copy argument values out of the request: names, codes, dates, numbers, and enum words into the right arguments;
 - answer by quoting the result's numbers with their unit.
 Requests are composed from an opener, one of many sentence patterns and a closer, so no one phrasing dominates.
+Opt-in variants (experiments/README.md, experiment 4): sessions, several requests over one declared tool set
+(`session_episode`), and topic words in another case in the tools than in the request (`recase`).
 
 Why the word pieces: a token that is never a training target has its output row pushed toward the common "never
 emit" direction by every SFT step (measured on the third SFT pass: 4,500 of 6,400 rows at cosine 0.99 with their
