@@ -13,8 +13,8 @@ the gap between the two is how far the selection skill carries to tools and phra
 
 Probes, rewriting the last user message: `--probe name` appends the expected tool's own name ("... (use
 get_forecast)"); `--probe mask` replaces each request word that occurs in the expected tool's name or description by
-"thing"; `--probe mask+name` does both; `--probe prior` leaves the request and subtracts each tool's score under the
-neutral request "Hello." before picking.
+"thing"; `--probe mask+name` does both; `--probe desc` appends the expected tool's description in parentheses;
+`--probe prior` leaves the request and subtracts each tool's score under the neutral request "Hello." before picking.
 
     python experiments/k2_nano/tool_choice.py models/k2-nano-instruct runs/nano/instruct4/final
     python experiments/k2_nano/tool_choice.py models/k2-nano-instruct --conversations runs/probe/train.jsonl \
@@ -100,8 +100,8 @@ _STOPWORDS = {"the", "of", "a", "an", "for", "to", "by", "in", "and", "get", "da
 
 
 def rewrite(c: Choice, probe: str) -> Choice:
-    """`c` with its last user message rewritten by `probe` (name, mask, mask+name; anything else: unchanged)."""
-    if c.want is None or probe not in ("name", "mask", "mask+name"):
+    """`c` with its last user message rewritten by `probe` (name, mask, mask+name, desc; others: unchanged)."""
+    if c.want is None or probe not in ("name", "mask", "mask+name", "desc"):
         return c
     c = copy.deepcopy(c)
     text = c.messages[-1]["content"]
@@ -111,6 +111,8 @@ def rewrite(c: Choice, probe: str) -> Choice:
         text = re.sub(r"[A-Za-z]+", lambda m: "thing" if m[0].lower() in own - _STOPWORDS else m[0], text)
     if "name" in probe:
         text += f" (use {c.want})"
+    if probe == "desc":
+        text += f" ({next(t['function'].get('description', '') for t in c.tools if t['function']['name'] == c.want)})"
     c.messages[-1]["content"] = text
     return c
 
@@ -139,7 +141,7 @@ def main() -> None:
     ap.add_argument("--conversations", help="a synth train.jsonl instead of the held-out benchmark")
     ap.add_argument("--limit", type=int, default=250, help="decisions read from --conversations")
     ap.add_argument("--kind", help="only --conversations of this kind (e.g. broad_single)")
-    ap.add_argument("--probe", choices=["none", "name", "mask", "mask+name", "prior"], default="none")
+    ap.add_argument("--probe", choices=["none", "name", "mask", "mask+name", "desc", "prior"], default="none")
     args = ap.parse_args()
     choices = (conversation_choices(args.conversations, args.limit, args.kind) if args.conversations
                else heldout_choices())
