@@ -25,7 +25,8 @@ def episodes(request, pieces):
     use = pieces if request.param == "pieces" else ()
     return ([broad.broad_episode(5, i, use) for i in range(2000)]
             + [broad.session_episode(5, i, use) for i in range(300)]
-            + [broad.broad_episode(5, i, use, cased=True) for i in range(2000, 2400)])
+            + [broad.broad_episode(5, i, use, cased=True) for i in range(2000, 2400)]
+            + [broad.broad_episode(5, i, use, cased=i % 2 == 0, freeform=True) for i in range(2400, 2800)])
 
 
 def test_deterministic_per_index():
@@ -140,6 +141,20 @@ def test_cased_zero_leaves_the_mix_unchanged_and_cased_episodes_vary_the_case_of
     assert capitalised_topics(plain) == 0 and capitalised_topics(cased) > 40
     leading = [e for e in cased if e.kind == "broad_single" and e.turns[0].templates[0] in broad._LEADING_ASKS]
     assert len(leading) > 20
+
+
+def test_freeform_zero_leaves_the_mix_unchanged_and_freeform_descriptions_vary():
+    kw = dict(broad_fraction=0.5, session_fraction=0.3, cased_fraction=0.3)
+    old = [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, **kw)]
+    assert old == [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, **kw, freeform_fraction=0.0)]
+    new = [e.conversation() for e in train_episodes(4, 300, 0.3, 0.2, **kw, freeform_fraction=0.5)]
+    assert all(a["kind"].startswith("broad") for a, b in zip(old, new, strict=True) if a != b)
+    plain = {s["function"]["description"] for i in range(300) for s in broad.broad_episode(6, i).tool_specs()}
+    free = {s["function"]["description"] for i in range(300)
+            for s in broad.broad_episode(6, i, freeform=True).tool_specs() if s["function"]["name"] not in TOOLS}
+    shapes = {re.sub(r"\b[a-z]+\b", "w", d.lower()) for d in free}  # sentence shapes, words blanked
+    assert len(shapes) > 3 * len({re.sub(r"\b[a-z]+\b", "w", d.lower()) for d in plain})
+    assert len(free & plain) < 0.2 * len(free)  # the conversions and calculators keep their own sentences
 
 
 def test_a_session_asks_for_each_declared_tool_once(episodes):

@@ -11,7 +11,8 @@ too, so argument values and topic words cover the vocabulary; the skills are the
 - answer by quoting the result's numbers with their unit.
 Requests are composed from an opener, one of many sentence patterns and a closer, so no one phrasing dominates.
 Opt-in variants (experiments/README.md, experiment 4): sessions, several requests over one declared tool set
-(`session_episode`), and topic words in another case in the tools than in the request (`recase`).
+(`session_episode`), topic words in another case in the tools than in the request (`recase`), and free-form tool
+descriptions (`freeform_description`).
 
 Why the word pieces: a token that is never a training target has its output row pushed toward the common "never
 emit" direction by every SFT step (measured on the third SFT pass: 4,500 of 6,400 rows at cosine 0.99 with their
@@ -67,12 +68,14 @@ _VERBS = ["get", "lookup", "fetch", "find", "check", "query", "read", "compute",
 
 class Draws(random.Random):
     """The random source of one episode, with the word pieces its invented words may be made of (none: syllables),
-    and whether its words vary in case between the tools and the requests (`cased`)."""
+    whether its words vary in case between the tools and the requests (`cased`), and whether its tools' descriptions
+    are free-form sentences (`freeform`, `freeform_description`) rather than the six templates."""
 
-    def __init__(self, seed: str, pieces: tuple[str, ...] = (), cased: bool = False):
+    def __init__(self, seed: str, pieces: tuple[str, ...] = (), cased: bool = False, freeform: bool = False):
         super().__init__(seed)
         self.pieces = pieces
         self.cased = cased
+        self.freeform = freeform
 
 
 def recase(rng: random.Random, text: str) -> str:
@@ -201,6 +204,8 @@ def make_tool(rng: random.Random, taken: set[str]) -> Tool:
                        "{Thing} lookup by {noun} (invented data).", "Look up {thing} data for one {noun}.",
                        "The {thing} of a {noun}, from the {word} service.", "Reports a {noun}'s {thing}."])
     desc = desc.format(thing=recase(rng, thing), Thing=thing.capitalize(), noun=noun, word=word(rng))
+    if isinstance(rng, Draws) and rng.freeform:
+        desc = freeform_description(rng, thing, noun)
     if alias:
         desc += rng.choice([f" Also called {alias}.", f" ({alias})", f" Use it for {alias} questions."])
     props: dict[str, dict] = {arg: {"type": "string"}}
@@ -230,6 +235,27 @@ def make_tool(rng: random.Random, taken: set[str]) -> Tool:
     if key in {"unit", *names}:  # the result holds the arguments and the unit too
         key = "result"
     return Tool(spec, thing, alias, key, unit, rng.choice([0, 0, 1, 2]), subject, arg, count, option, choices)
+
+
+_QUALIFIERS = ["Daily", "Current", "Live", "Estimated", "Historical", "Simulated", "Official", "Approximate",
+               "Average", "Latest", "Weekly", "Projected", "Measured", "Typical", "Peak", "Hourly"]
+_SETTINGS = ["for a {noun}", "of the given {noun}", "for one {noun} at a time", "for any {noun} you name",
+             "across a {noun}", "near a {noun}", "by {noun}", "at the requested {noun}"]
+_AFTERWORDS = ["", "", " (simulated data).", " in {unit}.", ", updated every hour.", ". Results are approximate.",
+               ", from the {word} index.", ", rounded to whole {unit}.", ". Uses the {word} method.",
+               " for the next few days.", ", as reported by the {word} service."]
+
+
+def freeform_description(rng: random.Random, thing: str, noun: str) -> str:
+    """A description as real APIs write them: the topic word anywhere in a longer sentence among other words, in any
+    case ("Estimated Tide Height near a place, updated every hour.", "Returns the latest ... for a date ...")."""
+    t = recase(rng, thing)
+    setting = rng.choice(_SETTINGS).format(noun=noun)
+    head = rng.choice([f"{rng.choice(_QUALIFIERS)} {t} {setting}", f"Returns the {rng.choice(_QUALIFIERS).lower()} "
+                       f"{t} {setting}", f"Look up the {t} {setting}", f"{t.capitalize()} {setting}",
+                       f"Gives the {t} and its {word(rng)} {setting}", f"Tells you the {t} {setting}"])
+    tail = rng.choice(_AFTERWORDS).format(unit=rng.choice(_REAL_UNITS), word=word(rng))
+    return head + (tail if tail.endswith(".") else tail + ".")
 
 
 # ---- requests and answers ------------------------------------------------------------------------------------------
@@ -401,12 +427,13 @@ KINDS = {"broad_single": (_single, 40), "broad_parallel": (_parallel, 15), "broa
          "broad_refusal": (_refusal, 10), "broad_convert": (_convert, 12), "broad_numeric": (_numeric, 11)}
 
 
-def session_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False) -> Episode:
+def session_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False,
+                    freeform: bool = False) -> Episode:
     """Broad session episode `index` of `seed`: 3-4 tools declared once (and at most one distractor), then one user
     turn for each of them in random order, sometimes with a refusal among them. The tool declarations are most of a
     conversation's tokens; here each buys several choices among the same tools, each right one a different tool, so a
     pick must come from the request rather than from which tool looks likeliest."""
-    rng = Draws(f"{seed}/broad-session/{index}", pieces, cased)
+    rng = Draws(f"{seed}/broad-session/{index}", pieces, cased, freeform)
     g = BroadGen(rng)
     tools, turns = [], []
     n = rng.randint(3, 4)
@@ -424,10 +451,11 @@ def session_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: 
     return train_episode("broad_session", specs, turns)
 
 
-def broad_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False) -> Episode:
+def broad_episode(seed: int, index: int, pieces: tuple[str, ...] = (), cased: bool = False,
+                  freeform: bool = False) -> Episode:
     """Broad train episode `index` of `seed`: its tools plus 1-4 distractors (invented tools of other topics, or train
     tools); a refusal declares 1-4 tools, none of them for the request. `pieces`: see `word_pieces`."""
-    rng = Draws(f"{seed}/broad/{index}", pieces, cased)
+    rng = Draws(f"{seed}/broad/{index}", pieces, cased, freeform)
     kind = rng.choices(list(KINDS), [w for _, w in KINDS.values()])[0]
     g = BroadGen(rng)
     tools, turns = KINDS[kind][0](g)

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of the broad conversations that are sessions: several requests over one tool set")
     p.add_argument("--cased", type=float, default=0.0, metavar="F",
                    help="fraction of the broad conversations whose topic words change case between tools and requests")
+    p.add_argument("--freeform", type=float, default=0.0, metavar="F",
+                   help="fraction of the broad conversations whose invented tools have free-form descriptions")
     p.add_argument("--vocab", type=Path, default=None, metavar="DIR",
                    help="a tokenizer directory: broad.py also makes its invented words of this tokenizer's word pieces")
     p = sub.add_parser("corpus", help="pretraining corpus from text already on the machine, as JSONL")
@@ -58,19 +60,21 @@ def write_benchmarks(out: Path) -> dict[str, int]:
 
 def train_episodes(seed: int, n: int, generic_fraction: float, status_fraction: float = 0.0,
                    broad_fraction: float = 0.0, pieces: tuple[str, ...] = (), session_fraction: float = 0.0,
-                   cased_fraction: float = 0.0) -> Iterator[synthetic.Episode]:
+                   cased_fraction: float = 0.0, freeform_fraction: float = 0.0) -> Iterator[synthetic.Episode]:
     """Train episode i is broad with probability `broad_fraction` (then a session with probability `session_fraction`,
-    and with words in varied case, `broad.recase`, with probability `cased_fraction`), else generic with probability
+    with words in varied case, `broad.recase`, with probability `cased_fraction`, with free-form tool descriptions
+    with probability `freeform_fraction`), else generic with probability
     `generic_fraction`, else a status episode with probability `status_fraction`, else synthetic (each a seeded draw
     of its own, so one fraction never reshuffles the others). `pieces`: the word pieces of broad episodes
     (`broad.word_pieces`)."""
     for i in range(n):
         if broad_fraction and random.Random(f"{seed}/broad-mix/{i}").random() < broad_fraction:
             cased = bool(cased_fraction) and random.Random(f"{seed}/cased-mix/{i}").random() < cased_fraction
+            free = bool(freeform_fraction) and random.Random(f"{seed}/freeform-mix/{i}").random() < freeform_fraction
             if session_fraction and random.Random(f"{seed}/session-mix/{i}").random() < session_fraction:
-                yield broad.session_episode(seed, i, pieces, cased)
+                yield broad.session_episode(seed, i, pieces, cased, free)
             else:
-                yield broad.broad_episode(seed, i, pieces, cased)
+                yield broad.broad_episode(seed, i, pieces, cased, free)
         elif random.Random(f"{seed}/mix/{i}").random() < generic_fraction:
             yield generic.generic_episode(seed, i)
         elif random.Random(f"{seed}/status-mix/{i}").random() < status_fraction:
@@ -85,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         heldout_n = args.heldout_n if args.heldout_n is not None else max(1, args.n // 10)
         for flag, value in (("--generic", args.generic), ("--status", args.status), ("--broad", args.broad),
-                            ("--sessions", args.sessions), ("--cased", args.cased)):
+                            ("--sessions", args.sessions), ("--cased", args.cased), ("--freeform", args.freeform)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{flag} must be in [0, 1], got {value}")
         pieces = broad.word_pieces(Tokenizer.from_pretrained(args.vocab)) if args.vocab else ()
         train = list(train_episodes(args.seed, args.n, args.generic, args.status, args.broad, pieces, args.sessions,
-                                    args.cased))
+                                    args.cased, args.freeform))
         heldout = list(synthetic.episodes(args.seed, "heldout", heldout_n))
         synthetic.check_heldout(train, heldout)
         args.out.mkdir(parents=True, exist_ok=True)
