@@ -14,6 +14,16 @@ from kimi_k2.tokenizer import Tokenizer
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
 
 
+_FRACTIONS = {  # the synth mix: flag -> help
+    "generic": "fraction of train conversations over tools invented per conversation (generic.py)",
+    "status": "fraction of the rest over one-word-result tools and self-introductions (status.py)",
+    "broad": "fraction of train conversations over open-vocabulary invented tools (broad.py), drawn first",
+    "sessions": "fraction of the broad conversations that are sessions: several requests over one tool set",
+    "cased": "fraction of the broad conversations whose topic words change case between tools and requests",
+    "freeform": "fraction of the broad conversations whose invented tools have free-form descriptions",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("synth", help="synthetic chat/tool-use conversations: DIR/train.jsonl and DIR/heldout.jsonl")
@@ -21,18 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, required=True, help="number of train conversations")
     p.add_argument("--heldout-n", type=int, default=None, help="number of held-out conversations (default n/10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--generic", type=float, default=0.0, metavar="F",
-                   help="fraction of train conversations over tools invented per conversation (generic.py)")
-    p.add_argument("--status", type=float, default=0.0, metavar="F",
-                   help="fraction of the rest over one-word-result tools and self-introductions (status.py)")
-    p.add_argument("--broad", type=float, default=0.0, metavar="F",
-                   help="fraction of train conversations over open-vocabulary invented tools (broad.py), drawn first")
-    p.add_argument("--sessions", type=float, default=0.0, metavar="F",
-                   help="fraction of the broad conversations that are sessions: several requests over one tool set")
-    p.add_argument("--cased", type=float, default=0.0, metavar="F",
-                   help="fraction of the broad conversations whose topic words change case between tools and requests")
-    p.add_argument("--freeform", type=float, default=0.0, metavar="F",
-                   help="fraction of the broad conversations whose invented tools have free-form descriptions")
+    for name, text in _FRACTIONS.items():
+        p.add_argument(f"--{name}", type=float, default=0.0, metavar="F", help=text)
     p.add_argument("--vocab", type=Path, default=None, metavar="DIR",
                    help="a tokenizer directory: broad.py also makes its invented words of this tokenizer's word pieces")
     p = sub.add_parser("corpus", help="pretraining corpus from text already on the machine, as JSONL")
@@ -88,10 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         heldout_n = args.heldout_n if args.heldout_n is not None else max(1, args.n // 10)
-        for flag, value in (("--generic", args.generic), ("--status", args.status), ("--broad", args.broad),
-                            ("--sessions", args.sessions), ("--cased", args.cased), ("--freeform", args.freeform)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{flag} must be in [0, 1], got {value}")
+        for name in _FRACTIONS:
+            if not 0.0 <= (value := getattr(args, name)) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {value}")
         pieces = broad.word_pieces(Tokenizer.from_pretrained(args.vocab)) if args.vocab else ()
         train = list(train_episodes(args.seed, args.n, args.generic, args.status, args.broad, pieces, args.sessions,
                                     args.cased, args.freeform))
