@@ -105,14 +105,14 @@ def rewrite(c: Choice, probe: str) -> Choice:
         return c
     c = copy.deepcopy(c)
     text = c.messages[-1]["content"]
+    f = next(t["function"] for t in c.tools if t["function"]["name"] == c.want)
     if "mask" in probe:
-        f = next(t["function"] for t in c.tools if t["function"]["name"] == c.want)
         own = set(re.findall(r"[a-z]+", f"{f['name'].replace('_', ' ')} {f.get('description', '')}".lower()))
         text = re.sub(r"[A-Za-z]+", lambda m: "thing" if m[0].lower() in own - _STOPWORDS else m[0], text)
     if "name" in probe:
         text += f" (use {c.want})"
     if probe == "desc":
-        text += f" ({next(t['function'].get('description', '') for t in c.tools if t['function']['name'] == c.want)})"
+        text += f" ({f.get('description', '')})"
     c.messages[-1]["content"] = text
     return c
 

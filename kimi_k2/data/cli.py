@@ -63,10 +63,9 @@ def train_episodes(seed: int, n: int, generic_fraction: float, status_fraction: 
                    cased_fraction: float = 0.0, freeform_fraction: float = 0.0) -> Iterator[synthetic.Episode]:
     """Train episode i is broad with probability `broad_fraction` (then a session with probability `session_fraction`,
     with words in varied case, `broad.recase`, with probability `cased_fraction`, with free-form tool descriptions
-    with probability `freeform_fraction`), else generic with probability
-    `generic_fraction`, else a status episode with probability `status_fraction`, else synthetic (each a seeded draw
-    of its own, so one fraction never reshuffles the others). `pieces`: the word pieces of broad episodes
-    (`broad.word_pieces`)."""
+    with probability `freeform_fraction`), else generic with probability `generic_fraction`, else a status episode
+    with probability `status_fraction`, else synthetic (each a seeded draw of its own, so one fraction never
+    reshuffles the others). `pieces`: the word pieces of broad episodes (`broad.word_pieces`)."""
     for i in range(n):
         if broad_fraction and random.Random(f"{seed}/broad-mix/{i}").random() < broad_fraction:
             cased = bool(cased_fraction) and random.Random(f"{seed}/cased-mix/{i}").random() < cased_fraction
