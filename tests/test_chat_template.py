@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from kimi_k2.tokenizer import Tokenizer
-from kimi_k2.tokenizer.chat import builtin_template, deep_sort, normalize_messages
+from kimi_k2.tokenizer.chat_template import builtin_template, deep_sort, normalize_messages
 
 SYS = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 GEN = "<|im_assistant|>assistant<|im_middle|>"

@@ -8,7 +8,7 @@ import torch
 from kimi_k2.config import K2Config
 from kimi_k2.engine import EngineConfig, LLMEngine
 from kimi_k2.engine.block_manager import BlockManager
-from kimi_k2.engine.config import latent_bytes_per_token, per_head_bytes_per_token
+from kimi_k2.engine.engine_config import latent_bytes_per_token, per_head_bytes_per_token
 from kimi_k2.engine.model_runner import ModelRunner
 from kimi_k2.engine.paged_cache import LatentPool
 from kimi_k2.engine.params import SamplingParams

@@ -9,7 +9,7 @@ import pytest
 
 from kimi_k2.server import anthropic_protocol as ap
 from kimi_k2.server import openai_protocol as op
-from kimi_k2.server.convert import anthropic_messages, anthropic_tools, openai_messages, openai_tools
+from kimi_k2.server.conversation import anthropic_messages, anthropic_tools, openai_messages, openai_tools
 from kimi_k2.server.grammar import GrammarCompiler, ToolPlan, lark_grammar
 from kimi_k2.tokenizer import Tokenizer
 from kimi_k2.toolcalls import parse

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kimi_k2.config import PRESETS, K2Config
-from kimi_k2.engine.config import EngineConfig
+from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.params import SamplingParams
 

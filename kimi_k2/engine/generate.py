@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kimi_k2.engine.bench import load_model
-from kimi_k2.engine.config import EngineConfig
+from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.params import SamplingParams
 

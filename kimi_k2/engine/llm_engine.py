@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from kimi_k2.engine.block_manager import BlockManager
-from kimi_k2.engine.config import EngineConfig
 from kimi_k2.engine.detokenize import TextStream
+from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.model_runner import ModelRunner
 from kimi_k2.engine.paged_cache import LatentPool
 from kimi_k2.engine.params import CompletionDelta, SamplingParams, TokenLogprob

@@ -14,9 +14,16 @@ from fastapi.responses import StreamingResponse
 
 from kimi_k2.engine import SamplingParams
 from kimi_k2.server import anthropic_protocol as ap
-from kimi_k2.server import convert
+from kimi_k2.server import conversation
 from kimi_k2.server.errors import APIError, anthropic_error
-from kimi_k2.server.generate import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object, collect_unless_gone
+from kimi_k2.server.generation import (
+    FinishEvent,
+    Generation,
+    TextEvent,
+    ToolEvent,
+    arguments_object,
+    collect_unless_gone,
+)
 from kimi_k2.server.grammar import lark_grammar
 from kimi_k2.server.openai_api import account
 from kimi_k2.server.state import ServerState, client_gone, launch, request_id
@@ -37,8 +44,8 @@ def stop_reason(f: FinishEvent | None) -> tuple[str, str | None]:
 def prepare(st: ServerState, body: ap.CountTokensRequest):
     st.check_model(body.model)
     try:
-        messages = convert.anthropic_messages(body)
-        tools, plan = convert.anthropic_tools(body, messages, st.compiler)
+        messages = conversation.anthropic_messages(body)
+        tools, plan = conversation.anthropic_tools(body, messages, st.compiler)
         return st.encode_chat(messages, tools), plan
     except ValueError as e:
         raise APIError(400, str(e)) from None

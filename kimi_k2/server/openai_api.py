@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from kimi_k2.engine import SamplingParams, TokenLogprob
-from kimi_k2.server import convert
+from kimi_k2.server import conversation
 from kimi_k2.server import openai_protocol as op
 from kimi_k2.server.errors import APIError, openai_error
-from kimi_k2.server.generate import (
+from kimi_k2.server.generation import (
     FinishEvent,
     Generation,
     LogprobEvent,
@@ -87,8 +87,8 @@ async def chat_completions(body: op.ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     try:
-        messages = convert.openai_messages(body)
-        tools, plan, text_schema = convert.openai_tools(body, messages, st.compiler)
+        messages = conversation.openai_messages(body)
+        tools, plan, text_schema = conversation.openai_tools(body, messages, st.compiler)
         prompt = st.encode_chat(messages, tools)
         constraint = st.compiler.constraint(lark_grammar(plan, text_schema))
     except ValueError as e:

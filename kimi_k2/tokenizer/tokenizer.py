@@ -25,7 +25,7 @@ from typing import Any
 
 import tiktoken
 
-from kimi_k2.tokenizer import chat
+from kimi_k2.tokenizer.chat_template import Marker, builtin_template, normalize_messages, render_pieces
 from kimi_k2.tokenizer.specials import NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, added_tokens_decoder, reserved_name
 
 # tokenization_kimi.py: texts are cut into 400k-char chunks, and those into runs of at most 25k consecutive
@@ -84,7 +84,7 @@ class Tokenizer:
         self.skippable_ids = {int(i) for i, v in decoder.items() if v["special"]}
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special_tokens, key=len,
                                                                                 reverse=True)))
-        self.chat_template = chat_template if chat_template is not None else chat.builtin_template()
+        self.chat_template = chat_template if chat_template is not None else builtin_template()
         self.special_in_content = special_in_content
         self.bos_id = self.token_to_id("[BOS]")
         self.eos_id = self.token_to_id("[EOS]")
@@ -207,7 +207,7 @@ class Tokenizer:
                             add_generation_prompt: bool = True, tokenize: bool = False,
                             special_in_content: bool | None = None, **template_kwargs: Any) -> str | list[int]:
         """Render (and with `tokenize=True` encode) a conversation with this tokenizer's chat template."""
-        pieces = self._render(chat.normalize_messages(messages), tools, add_generation_prompt, template_kwargs)
+        pieces = self._render(normalize_messages(messages), tools, add_generation_prompt, template_kwargs)
         if not tokenize:
             return "".join(t for t, _ in pieces)
         return self._encode_pieces([(t, d, False) for t, d in pieces], special_in_content)[0]
@@ -222,7 +222,7 @@ class Tokenizer:
         as prefixes); its header is what the generation prompt writes, or, when it differs (a `name`, or the
         default system prompt in front of a first message), everything up to the generation prompt's last marker.
         """
-        msgs = chat.normalize_messages(messages)
+        msgs = normalize_messages(messages)
         pieces = self._render(msgs, tools, False, template_kwargs)
         full = "".join(t for t, _ in pieces)
         literal = _literal_spans(pieces, self._special_re)
@@ -255,9 +255,9 @@ class Tokenizer:
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool,
                 template_kwargs: dict[str, Any]) -> list[tuple[str, bool]]:
         # as Hugging Face, the special-token names are template variables (printed as markers, not as data)
-        names = {f"{k}_token": chat.Marker(v) for k, v in
+        names = {f"{k}_token": Marker(v) for k, v in
                  (("bos", "[BOS]"), ("eos", "[EOS]"), ("unk", "[UNK]"), ("pad", "[PAD]")) if v in self.special_tokens}
-        return chat.render_pieces(self.chat_template, messages, tools, add_generation_prompt,
+        return render_pieces(self.chat_template, messages, tools, add_generation_prompt,
                                   **{**names, **template_kwargs})
 
     def _header_end(self, header: str, literal: list[tuple[int, int, str]], lo: int, hi: int, i: int) -> int:
