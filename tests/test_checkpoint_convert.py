@@ -13,8 +13,8 @@ from safetensors import safe_open
 import kimi_k2.checkpoint.reader as reader_mod
 import kimi_k2.checkpoint.writer as writer_mod
 from kimi_k2.checkpoint import CheckpointReader, dequantize_block_fp8, save_state_dict
-from kimi_k2.checkpoint.convert import parse_size
 from kimi_k2.cli import main
+from kimi_k2.cli.convert import parse_size
 from kimi_k2.config import K2Config
 
 SHAPES = {

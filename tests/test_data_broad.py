@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from data_fixtures import heldout_words_in
 
+from kimi_k2.cli.data import train_episodes
 from kimi_k2.data import broad, synthetic
 from kimi_k2.data import schema as js
-from kimi_k2.data.cli import train_episodes
 from kimi_k2.data.tools import TOOLS
 from kimi_k2.eval.scoring import answer_ok
 from kimi_k2.tokenizer import Tokenizer

@@ -3,9 +3,9 @@ import re
 
 import pytest
 
+from kimi_k2.cli.data import TASKS_DIR, write_benchmarks
 from kimi_k2.data import schema as js
 from kimi_k2.data import synthetic
-from kimi_k2.data.cli import TASKS_DIR, write_benchmarks
 from kimi_k2.data.tools import TOOLS, ToolEnv
 
 N_TRAIN, N_HELDOUT = 1500, 600

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimi_k2.data.cli import train_episodes
+from kimi_k2.cli.data import train_episodes
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.tokenizer import Tokenizer
 

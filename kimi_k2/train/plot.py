@@ -1,4 +1,4 @@
-"""`kimi-k2 plot RUN_DIR [RUN_DIR ...]`: PNG curves from the runs' log.jsonl, written to the first RUN_DIR/plots.
+"""PNG curves from training runs' log.jsonl (`kimi-k2 plot`), written to the first RUN_DIR/plots.
 
 One figure per metric: loss (train and validation), lr, grad_norm, max attention logit per layer, QK-Clip heads
 clipped per layer, expert-load MaxVio per MoE layer, aux loss. Several runs share each figure (one line per run).
@@ -6,7 +6,6 @@ clipped per layer, expert-load MaxVio per MoE layer, aux loss. Several runs shar
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -59,17 +58,3 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, x_key: str = "step") -> list[
         plt.close(fig)
         written.append(path)
     return written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", help="training output directories (with log.jsonl)")
-    parser.add_argument("--out", help="where to write the PNGs (default: FIRST_RUN_DIR/plots)")
-    parser.add_argument("--x", default="step", choices=["step", "tokens"], help="x axis")
-
-
-def run(args: argparse.Namespace) -> int:
-    dirs = [Path(d) for d in args.run_dirs]
-    files = plot_runs(dirs, Path(args.out) if args.out else dirs[0] / "plots", args.x)
-    for f in files:
-        print(f)
-    return 0

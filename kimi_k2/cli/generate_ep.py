@@ -1,4 +1,4 @@
-"""Greedy generation with expert parallelism: `torchrun --nproc-per-node W -m kimi_k2.deploy.run_ep --model DIR
+"""Greedy generation with expert parallelism: `torchrun --nproc-per-node W -m kimi_k2.cli.generate_ep --model DIR
 --prompt-ids 1,2,3 [--prompt-ids 4,5,6] --max-new-tokens 8 --out result.json` (also `kimi-k2 generate-ep ...`).
 
 gloo on CPU, NCCL when CUDA is available (rank r uses cuda:LOCAL_RANK). Without torchrun (or with one rank) the
@@ -83,6 +83,6 @@ def _report(args: argparse.Namespace, tokens: list[list[int]], logits: torch.Ten
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m kimi_k2.deploy.run_ep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kimi_k2.cli.generate_ep", description=__doc__.split("\n")[0])
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def start_local(model: str) -> tuple[str, object] | None:
     import uvicorn
 
+    from kimi_k2.cli.serve import check_model_dir
     from kimi_k2.engine import AsyncLLMEngine, LLMEngine
     from kimi_k2.server.app import build_app
-    from kimi_k2.server.serve import check_model_dir
     from kimi_k2.server.state import ServerState
 
     d = check_model_dir(model)
