@@ -220,7 +220,7 @@ DECODE_CASES = {
     "bf16-page4-1split": (32, 8, 3, 4, [1, 7, 12, 13], torch.bfloat16, 1),
     "fp16-R48-more-splits-than-blocks": (48, 16, 2, 16, [5, 33], torch.float16, 8),  # masked width, empty splits
     "fp32-page1-default-splits": (16, 16, 2, 1, [3, 40], torch.float32, None),
-    "k2-widths-bf16-page64-17heads": (512, 64, 17, 64, [3, 70], torch.bfloat16, 2),  # two head blocks, the 2nd of 1
+    "k2-widths-bf16-page64-64heads": (512, 64, 64, 64, [3, 70], torch.bfloat16, 2),  # K2 on one GPU: 4 head blocks
     "k2-widths-fp32-page16": (512, 64, 2, 16, [50], torch.float32, 3),
 }
 
@@ -234,6 +234,13 @@ def test_mla_decode_matches_reference(kernels, case: str) -> None:
     assert got.shape == (len(lens), H, R) and got.dtype == dtype
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_mla_decode_empty_batch(kernels) -> None:
+    q_lat, q_pe, latent, tables, lens = _decode_case(32, 8, 2, 4, [3], torch.float32)
+    out = kernels.mla_decode(q_lat[:0].to(DEVICE), q_pe[:0].to(DEVICE), latent.to(DEVICE), tables[:0].to(DEVICE),
+                             lens[:0].to(DEVICE), 4, 0.2)
+    assert out.shape == (0, 2, 32)
 
 
 def test_mla_decode_splits_agree_and_fp32_queries_over_bf16_pages(kernels) -> None:

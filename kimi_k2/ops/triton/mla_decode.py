@@ -144,6 +144,8 @@ def mla_decode(
     q_lat, q_pe = q_lat.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()  # dot operands: one dtype
     B, H, R = q_lat.shape
     DR = q_pe.shape[2]
+    if B == 0 or H == 0:
+        return out
     cfg = block_sizes(R, DR)
     if num_splits is None:
         num_splits = default_num_splits(B, H, block_tables.shape[1] * page_size, q_lat.device, cfg["BLOCK_N"])
