@@ -136,5 +136,8 @@ def test_info_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     K2Config.from_preset("k2-small").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path), "--json"]) == 0
     assert '"total_params"' in capsys.readouterr().out
-    assert main(["info", "no-such-model"]) == 2
-    assert "no-such-model" in capsys.readouterr().err
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    assert '"total_params"' in capsys.readouterr().out
+    assert main(["info", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kimi-k2 info: error:") and "no-such-model" in err and "k2-tiny" in err
