@@ -27,8 +27,8 @@ from timing import best_of
 
 from kimi_k2.config import K2Config
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
-from kimi_k2.engine.bench import load_model
 from kimi_k2.engine.engine_config import latent_bytes_per_token, per_head_bytes_per_token
+from kimi_k2.engine.loader import load_model
 
 
 def main() -> None:

@@ -55,15 +55,18 @@ def reference(model_dir):
 def test_ep_without_torchrun_or_with_the_wrong_world_says_how_to_launch(model_dir, monkeypatch, capsys):
     for var in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["serve", "--model", str(model_dir), "--ep", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "torchrun --nproc-per-node 2 -m kimi_k2.cli serve --ep 2" in err and "WORLD_SIZE" in err
+    for command in ("serve", "generate"):
+        prompt = ["--prompt", "hi"] if command == "generate" else []
+        assert main([command, str(model_dir), "--ep", "2", *prompt]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"kimi-k2 {command}: error:") and "WORLD_SIZE" in err
+        assert f"torchrun --nproc-per-node 2 -m kimi_k2.cli {command} DIR --ep 2" in err
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
-    assert main(["serve", "--model", str(model_dir), "--ep", "2"]) == 2
+    assert main(["serve", str(model_dir), "--ep", "2"]) == 1
     assert "WORLD_SIZE=4" in capsys.readouterr().err
-    assert main(["serve", "--model", str(model_dir), "--ep", "0"]) == 2
-    assert "--ep must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--ep", "0"]) == 2  # a usage error
+    assert "argument --ep: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_serve_ep2_matches_one_process_and_stops_on_sigterm_to_rank0(model_dir, reference, tmp_path):
@@ -72,7 +75,7 @@ def test_serve_ep2_matches_one_process_and_stops_on_sigterm_to_rank0(model_dir, 
     log = open(tmp_path / "torchrun.log", "w+")  # read back once the processes have ended
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kimi_k2.cli",
-         "serve", "--ep", "2", "--model", str(model_dir), "--port", str(port), "--api-key", API_KEY,
+         "serve", str(model_dir), "--ep", "2", "--port", str(port), "--api-key", API_KEY,
          "--served-model-name", MODEL, "--dtype", "float32", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"

@@ -49,14 +49,46 @@ def test_generate_cli_text_chat_and_errors(model_dir, tmp_path, capsys):
                  "--seed", "0", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert sorted(json.loads(x)["prompt"] for x in lines) == [0, 1, 2]
-    assert main(["generate", "k2-tiny", "--prompt", "no tokenizer here", "--dtype", "float32"]) == 2
-    assert "--ids" in capsys.readouterr().err
+    assert main(["generate", "k2-tiny", "--prompt", "no tokenizer here", "--dtype", "float32"]) == 1
+    assert "kimi-k2 generate: error:" in (err := capsys.readouterr().err) and "--ids" in err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--max-tokens", "2"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "pass MODEL" in err
+    assert main(["generate", str(model_dir), "--model", "k2-tiny", "--prompt", "x"]) == 2
+    assert "MODEL given twice" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "x", "--tp-attention"]) == 2
+    assert "--ep" in capsys.readouterr().err
+
+
+def test_generate_cli_logprobs_are_the_model_s(model_dir, capsys):
+    prompt = "3 4 5 6"
+    assert main(["generate", str(model_dir), "--ids", prompt, "--max-tokens", "3", "--temperature", "0",
+                 "--ignore-eos", "--dtype", "float32", "--json", "--logprobs", "2"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["token_ids"]) == len(rec["logprobs"]) == 3 and rec["finish_reason"] == "length"
+    ids = [int(t) for t in prompt.split()] + rec["token_ids"]
+    with torch.inference_mode():
+        logits = K2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([ids]))[0, 3:-1]
+    want = logits.log_softmax(-1)
+    for step, lp in enumerate(rec["logprobs"]):
+        assert lp["token_id"] == rec["token_ids"][step] == int(want[step].argmax())
+        assert lp["logprob"] == pytest.approx(float(want[step].max()), abs=1e-4)
+        assert [t for t, _ in lp["top"]] == want[step].topk(2).indices.tolist()
 
 
 def test_bench_cli_prints_rates(capsys):
-    assert main(["bench", "k2-tiny", "--batch", "1", "3", "--prompt", "8", "--new", "3", "--threads", "1"]) == 0
+    args = ["bench", "k2-tiny", "--batch-size", "1", "3", "--input-len", "8", "--output-len", "3", "--threads", "1"]
+    assert main(args) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [1, 3] and all(float(x) > 0 for r in rows for x in r[1:])
+    assert main([*args, "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch"] for r in recs] == [1, 3] and all(r["decode_tok_s"] > 0 for r in recs)
+    assert main(["bench", "k2-tiny", "--output-len", "1"]) == 2
+    assert "--output-len must be >= 2" in capsys.readouterr().err
+    assert main(["bench", "k2-tiny", "--batch-size", "0"]) == 2
 
 
 def test_generate_cli_compile(capsys):

@@ -45,15 +45,22 @@ def test_bad_input_is_named(capsys):
         make_plan(K2, "Z80", 16, 4096)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         make_plan(K2, "H200", 16, 10**7)
-    assert main(["plan", "--gpus", "sixteen"]) == 1
+    assert main(["plan", "--gpus", "sixteen"]) == 2  # a usage error
     assert "kimi-k2 plan: error:" in (err := capsys.readouterr().err) and "16xH200" in err
+    assert main(["plan", "k2-small"]) == 1  # a runtime error: the default context is longer than k2-small's
+    assert "kimi-k2 plan: error:" in (err := capsys.readouterr().err) and "max_position_embeddings" in err
 
 
 def test_cli_prints_the_arithmetic(capsys):
-    assert main(["plan", "--model", "kimi-k2-instruct", "--gpus", "16xH200", "--context", "131072"]) == 0
+    assert main(["plan", "kimi-k2-instruct", "--gpus", "16xH200", "--context", "131072"]) == 0
     out = capsys.readouterr().out
     assert "70,272 B/token" in out and "TP=16" in out and "FITS" in out
-    assert main(["plan", "--gpus", "8xH200"]) == 1
+    assert main(["plan", "--model", "kimi-k2-instruct", "--gpus", "16xH200", "--context", "131072"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["plan", "--gpus", "8xH200"]) == 1  # prints the plan; no layout fits
+    assert "no: weights alone exceed" in capsys.readouterr().out
+    assert main(["plan", "--gpus", "16xH200", "--weights", "bf16"]) == 1
+    assert "weights bf16" in capsys.readouterr().out
 
 
 def test_plan_counts_the_same_bytes_as_info():

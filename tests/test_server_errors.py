@@ -163,7 +163,7 @@ def test_graceful_shutdown_finishes_in_flight_stream(model_dir):
 def test_serve_command_runs_and_stops_on_sigterm(model_dir):
     """`kimi-k2 serve` as users run it: a process that serves, then exits cleanly on SIGTERM."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kimi_k2.cli", "serve", "--model", str(model_dir), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_k2.cli", "serve", str(model_dir), "--port",
                              str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len", "512",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

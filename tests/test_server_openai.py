@@ -281,9 +281,9 @@ def test_chat_cli_against_server(server, monkeypatch, capsys):
 def test_serve_cli_without_model_says_how_to_get_one(tmp_path, capsys):
     from kimi_k2.cli import main
 
-    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["serve", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
-    assert str(tmp_path / "missing") in err and "kimi-k2 train" in err
+    assert err.startswith("kimi-k2 serve: error:") and str(tmp_path / "missing") in err and "kimi-k2 train" in err
 
 
 def test_serve_cli_compile_needs_float32(capsys):

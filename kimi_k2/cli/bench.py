@@ -1,50 +1,68 @@
-"""`kimi-k2 bench`: engine prefill and decode tokens/s at several batch sizes (random prompts, greedy, no EOS)."""
+"""`kimi-k2 bench [MODEL]`: engine prefill and decode tokens/s at several batch sizes (random prompts, greedy, no
+EOS)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
-from kimi_k2.engine.bench import load_model, measure
+from kimi_k2.cli.options import UsageError, add_dtype, add_model, model_config, positive_int
+from kimi_k2.config import PRESETS
+from kimi_k2.engine.bench import measure
 from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.llm_engine import LLMEngine
+from kimi_k2.engine.loader import load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default="k2-small", help="model directory or preset (random weights)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32], help="concurrent requests")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
-    parser.add_argument("--new", type=int, default=32, help="generated tokens per request")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model(parser, f"model directory, or a preset with random weights ({', '.join(PRESETS)})", default="k2-small")
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1, 4, 16, 32],
+                        help="concurrent requests, one measurement each (default: 1 4 16 32)")
+    parser.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens per request (default: 128)")
+    parser.add_argument("--output-len", type=positive_int, default=32,
+                        help="generated tokens per request, >= 2 (default: 32)")
+    add_dtype(parser, "float32")
+    parser.add_argument("--seed", type=int, default=0, help="random weights of a preset and the random prompts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--page-size", type=positive_int, default=16)
     parser.add_argument("--compile", action="store_true",
                         help="single-stream decode through one torch.compile'd graph (float32; compiles first)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per batch size instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output_len < 2:
+        raise UsageError("--output-len must be >= 2 (the first token ends the prefill)")
+    if args.compile and args.dtype != "float32":
+        raise UsageError("--compile needs --dtype float32")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.new < 2 or args.prompt < 1 or min(args.batch) < 1:
-        raise SystemExit("kimi-k2 bench: need --new >= 2, --prompt >= 1 and batch sizes >= 1")
-    model = load_model(args.model, getattr(torch, args.dtype))
-    max_len = args.prompt + args.new
-    pages = -(-max_len // args.page_size) * max(args.batch)
-    config = EngineConfig(page_size=args.page_size, num_pages=pages, max_model_len=max_len,
-                          max_num_seqs=max(args.batch), max_num_batched_tokens=max(2048, args.prompt),
-                          enable_prefix_caching=False, compile_decode=args.compile)
+    model_config(args.model)  # a missing model: say what to pass
+    model = load_model(args.model, getattr(torch, args.dtype), args.seed)
+    max_len = args.input_len + args.output_len
+    batch = max(args.batch_size)
+    pages = -(-max_len // args.page_size) * batch
+    config = EngineConfig(page_size=args.page_size, num_pages=pages, max_model_len=max_len, max_num_seqs=batch,
+                          max_num_batched_tokens=max(2048, args.input_len), enable_prefix_caching=False,
+                          compile_decode=args.compile)
     start = time.perf_counter()
-    measure(LLMEngine(model, config=config), 1, min(args.prompt, 16), 2)  # warm-up (and the compile)
+    measure(LLMEngine(model, config=config), 1, min(args.input_len, 16), 2, args.seed)  # warm-up (and the compile)
     if args.compile:
         print(f"compile_decode: warm-up with the compile took {time.perf_counter() - start:.1f} s")
-    print(f"{args.model} {args.dtype}, prompt {args.prompt}, new {args.new}, torch threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} cpus")
-    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'total tok/s':>12} {'seconds':>8}")
-    for b in args.batch:
-        r = measure(LLMEngine(model, config=config), b, args.prompt, args.new)
-        print(f"{b:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['total_tok_s']:>12.1f} "
-              f"{r['seconds']:>8.2f}")
+    if not args.json:
+        print(f"{args.model} {args.dtype}, input {args.input_len}, output {args.output_len}, torch threads "
+              f"{torch.get_num_threads()}, {os.cpu_count()} cpus")
+        print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'total tok/s':>12} {'seconds':>8}")
+    for b in args.batch_size:
+        r = measure(LLMEngine(model, config=config), b, args.input_len, args.output_len, args.seed)
+        if args.json:
+            print(json.dumps({"model": args.model, "dtype": args.dtype, "input_len": args.input_len,
+                              "output_len": args.output_len, "threads": torch.get_num_threads(), **r}))
+        else:
+            print(f"{b:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['total_tok_s']:>12.1f} "
+                  f"{r['seconds']:>8.2f}")
     return 0

@@ -1,5 +1,6 @@
-"""`kimi-k2 chat`: an interactive terminal chat against a running server (--url) or a model directory (--model,
-served in-process on a free loopback port). Replies stream; /reset clears the history, /exit (or EOF) quits."""
+"""`kimi-k2 chat [MODEL | --url URL]`: an interactive terminal chat against a running server (--url) or a model
+directory (served in-process on a free loopback port). Replies stream; /reset clears the history, /exit (or EOF)
+quits."""
 
 from __future__ import annotations
 
@@ -10,30 +11,30 @@ import sys
 import threading
 import time
 
+from kimi_k2.cli.options import CommandError, UsageError, add_model, model_dir
+
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--url", help="base URL of a kimi-k2 (or any OpenAI-compatible) server, e.g. http://127.0.0.1:8000")
-    src.add_argument("--model", help="model directory to serve in-process (default: models/k2-nano-instruct)")
+    add_model(p, "model directory to serve in-process (default without --url: models/k2-nano-instruct)",
+              required=False)
+    p.add_argument("--url", help="base URL of a kimi-k2 (or any OpenAI-compatible) server, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get("KIMI_K2_API_KEY") or "EMPTY")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--system", default=SYSTEM)
 
 
-def start_local(model: str) -> tuple[str, object] | None:
+def start_local(model: str) -> tuple[str, object]:
+    """Serve the model directory `model` on a free loopback port -> (URL, the uvicorn server)."""
     import uvicorn
 
-    from kimi_k2.cli.serve import check_model_dir
     from kimi_k2.engine import AsyncLLMEngine, LLMEngine
     from kimi_k2.server.app import build_app
     from kimi_k2.server.state import ServerState
 
-    d = check_model_dir(model)
-    if d is None:
-        return None
+    d = model_dir(model)
     engine = LLMEngine.from_pretrained(d)
     state = ServerState(AsyncLLMEngine(engine), engine.tokenizer, [d.resolve().name], engine.model_config.vocab_size)
     with socket.socket() as s:
@@ -49,19 +50,17 @@ def start_local(model: str) -> tuple[str, object] | None:
 def run(args: argparse.Namespace) -> int:
     from openai import OpenAI, OpenAIError
 
+    if args.url is not None and args.model is not None:
+        raise UsageError("pass MODEL (served here) or --url URL (a running server), not both")
     server = None
     url = args.url
     if url is None:
-        local = start_local(args.model or "models/k2-nano-instruct")
-        if local is None:
-            return 2
-        url, server = local
+        url, server = start_local(args.model or "models/k2-nano-instruct")
     client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key)
     try:
         model = client.models.list().data[0].id
     except OpenAIError as e:
-        print(f"kimi-k2 chat: cannot reach {url}: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot reach {url}: {e}") from None
     messages = [{"role": "system", "content": args.system}]
     print(f"chatting with {model} at {url}; /reset clears the history, /exit quits")
     while True:

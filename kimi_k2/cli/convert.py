@@ -21,7 +21,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="source checkpoint directory (config.json + safetensors)")
     parser.add_argument("dst", type=Path, help="output directory (written atomically)")

@@ -1,12 +1,13 @@
-"""`kimi-k2 info MODEL_OR_PRESET`: parameter counts, KV-cache bytes per token and weight bytes of a K2 model."""
+"""`kimi-k2 info MODEL`: parameter counts, latent-cache bytes per token and weight bytes of a K2 model or preset,
+in closed form from its config (`kimi_k2.model.info`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from kimi_k2.config import K2Config
+from kimi_k2.cli.options import add_model, model_config
+from kimi_k2.config import PRESETS
 from kimi_k2.model.info import COMPONENTS, model_info
 
 
@@ -18,23 +19,17 @@ def _human(n: float, unit: str = "") -> str:
     raise AssertionError("unreachable")
 
 
-
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (with config.json) or preset name")
+    add_model(parser, f"model directory (with config.json) or preset: {', '.join(PRESETS)}")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = K2Config.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"kimi-k2 info: {e}", file=sys.stderr)
-        return 2
+    config = model_config(args.model)
     info = model_info(config)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))

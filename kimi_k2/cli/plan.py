@@ -1,40 +1,46 @@
-"""`kimi-k2 plan`: which GPU layouts hold a K2-family model, and how many sequences of a given context fit."""
+"""`kimi-k2 plan [MODEL]`: which GPU layouts hold a K2-family model, and how many sequences of a given context fit.
+
+Exit status 1 when no layout fits (the plan is printed either way).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from kimi_k2.config import PRESETS, K2Config
+from kimi_k2.cli.options import add_model, model_config, positive_int
+from kimi_k2.config import PRESETS
 from kimi_k2.deploy.plan import GPUS, make_plan, render, smallest_unit
 
 
-def _parse_gpus(spec: str) -> tuple[int, str]:
+def gpus(spec: str) -> tuple[int, str]:
+    """'16xH200' -> (16, 'H200') (argparse type)."""
     count, sep, kind = spec.partition("x")
-    if not sep or not count.isdigit():
-        raise ValueError(f"--gpus must look like 16xH200, got {spec!r}")
+    if not sep or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected COUNTxKIND such as 16xH200, got {spec!r}")
     for known in GPUS:
         if known.lower() == kind.lower():
             return int(count), known
-    raise ValueError(f"unknown GPU {kind!r}; known: {', '.join(sorted(GPUS))}")
-
+    raise argparse.ArgumentTypeError(f"unknown GPU {kind!r}; known: {', '.join(sorted(GPUS))}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="kimi-k2-instruct", help=f"preset ({', '.join(PRESETS)}) or model directory")
-    p.add_argument("--gpus", default="16xH200", help="COUNTxKIND, e.g. 16xH200")
-    p.add_argument("--context", type=int, default=131072)
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--bf16", action="store_true", help="plan for bf16 weights instead of block-FP8")
+    add_model(p, f"model directory (with config.json) or preset: {', '.join(PRESETS)}", default="kimi-k2-instruct")
+    p.add_argument("--gpus", type=gpus, default="16xH200", metavar="COUNTxKIND",
+                   help=f"GPUs to plan for, e.g. 16xH200 (default); kinds: {', '.join(GPUS)}")
+    p.add_argument("--context", type=positive_int, default=131072, help="tokens per sequence (default: 131072)")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="sequences that must fit at once")
+    p.add_argument("--weights", default="fp8", choices=["fp8", "bf16"],
+                   help="block-FP8 weights as published (default), or bf16")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--reserve-gib", type=float, default=2.0, help="per GPU for activations and runtime")
     p.add_argument("--smallest", action="store_true", help="search the fewest GPUs of that kind that fit")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = K2Config.from_pretrained(args.model)
-    n, gpu = _parse_gpus(args.gpus)
-    kw = dict(fp8=not args.bf16, gpu_memory_utilization=args.gpu_memory_utilization, reserve_gib=args.reserve_gib,
-              model_name=args.model)
+    cfg = model_config(args.model)
+    n, gpu = args.gpus
+    kw = dict(fp8=args.weights == "fp8", gpu_memory_utilization=args.gpu_memory_utilization,
+              reserve_gib=args.reserve_gib, model_name=args.model)
     if args.smallest:
         plan = smallest_unit(cfg, gpu, args.context, args.concurrency, **kw)
         if plan is None:

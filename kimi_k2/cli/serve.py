@@ -1,21 +1,22 @@
-"""`kimi-k2 serve`: the OpenAI- and Anthropic-compatible HTTP server over one model directory (uvicorn).
+"""`kimi-k2 serve [MODEL]`: the OpenAI- and Anthropic-compatible HTTP server over one model directory (uvicorn).
 
 With `--ep N` under torchrun the routed experts are split over N ranks (`kimi_k2.deploy.serve_ep`):
-    torchrun --nproc-per-node N -m kimi_k2.cli serve --ep N --model DIR ...
+    torchrun --nproc-per-node N -m kimi_k2.cli serve DIR --ep N ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from kimi_k2.cli.options import CommandError, UsageError, add_dtype, add_model, model_dir, positive_int
 
 DEFAULT_MODEL = "models/k2-nano-instruct"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Kimi-format model dir (config.json, weights, tokenizer)")
+    add_model(p, "Kimi-format model directory (config.json, weights, tokenizer)", default=DEFAULT_MODEL)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KIMI_K2_API_KEY"),
@@ -28,42 +29,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion budget of requests that set none (default: the rest of the context)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="weight dtype")
-    p.add_argument("--ep", type=int, default=None, metavar="N",
+    add_dtype(p, "bfloat16")
+    p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
-                        "--ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
+                        "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
     p.add_argument("--compile", action="store_true",
                    help="single-stream decode through one torch.compile'd graph (needs --dtype float32; compiles on "
                         "the first request, ~30 s on a CPU)")
     p.add_argument("--log-level", default="info")
 
 
-def check_model_dir(model: str) -> Path | None:
-    d = Path(model)
-    if (d / "config.json").is_file():
-        return d
-    print(f"kimi-k2 serve: no model at {d} (no config.json there). Pass --model DIR with a Kimi-format model "
-          f"directory (config.json, *.safetensors, tiktoken.model, tokenizer_config.json): train K2-Nano with "
-          f"`kimi-k2 train --config recipes/k2-nano-instruct.toml` (after its base recipe; see recipes/) and pass "
-          f"its final checkpoint directory, or convert a Hugging Face Kimi K2 checkpoint with `kimi-k2 convert`.",
-          file=sys.stderr)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    d = check_model_dir(args.model)
-    if d is None:
-        return 2
+    if args.compile and (args.dtype != "float32" or args.ep is not None):
+        raise UsageError("--compile needs --dtype float32 and no --ep")
+    d = model_dir(args.model)
     if not (d / "tiktoken.model").is_file():
-        print(f"kimi-k2 serve: {d} has no tokenizer (tiktoken.model)", file=sys.stderr)
-        return 2
+        raise CommandError(f"{d} has no tokenizer (tiktoken.model): serve a directory with the model's tokenizer")
     import torch
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    if args.compile and (args.dtype != "float32" or args.ep is not None):
-        print("kimi-k2 serve: --compile needs --dtype float32 and no --ep", file=sys.stderr)
-        return 2
     overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
                                    ("compile_decode", args.compile or None)) if v is not None}
     config, dtype = EngineConfig(**overrides), getattr(torch, args.dtype)
@@ -72,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
     if (error := launch_error(args.ep)) is not None:
-        print(f"kimi-k2 serve: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(error)
     return run_expert_parallel(d, config, dtype, lambda engine: serve(args, d, engine))
 
 

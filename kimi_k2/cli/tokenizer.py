@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from kimi_k2.cli.options import CommandError
 from kimi_k2.tokenizer.tokenizer import Tokenizer
 
 
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         ids = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"ids must be a JSON list of integers: {e}") from e
+        raise CommandError(f"ids must be a JSON list of integers: {e}") from None
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise SystemExit("ids must be a JSON list of integers")
+        raise CommandError("ids must be a JSON list of integers")
     sys.stdout.write(tok.decode(ids))
     return 0

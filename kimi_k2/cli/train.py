@@ -1,4 +1,4 @@
-"""`kimi-k2 train --config recipe.toml [--set section.key=value ...]`: run (or resume) a training recipe.
+"""`kimi-k2 train --config RECIPE [--set SECTION.KEY=VALUE ...]`: run (or resume) a training recipe.
 
 A run resumes from the newest checkpoint in its out_dir when there is one. Under `torchrun` it is data parallel.
 """
@@ -16,12 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (TOML syntax), e.g. --set train.out_dir='\"runs/x\"'")
     parser.add_argument("--out", help="shorthand for --set train.out_dir=OUT")
+    parser.add_argument("--seed", type=int, help="shorthand for --set train.seed=SEED")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.out:
         overrides.append(f"train.out_dir={json.dumps(args.out)}")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
     recipe = Recipe.from_toml(args.config, overrides)
     from kimi_k2.train.trainer import train  # after the recipe is validated: a bad recipe fails fast
 

@@ -16,13 +16,11 @@ Layouts (per rank = one GPU):
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import dataclass
 
 from kimi_k2.config import K2Config
-from kimi_k2.model.info import ModelInfo, kv_bytes_per_token, model_info
+from kimi_k2.model.info import kv_bytes_per_token, model_info
 
 GB = 1e9
 GiB = 2**30
@@ -39,14 +37,9 @@ _PLACEMENT = {"embeddings": "embed", "lm_head": "embed", "attention": "attention
               "norms": "replicated"}
 
 
-@functools.lru_cache(maxsize=8)
-def _info(config_json: str) -> ModelInfo:
-    return model_info(K2Config.from_dict(json.loads(config_json)))
-
-
 def component_bytes(cfg: K2Config, fp8: bool = True) -> dict[str, int]:
-    """Weight bytes of the whole model by placement component, counted on the meta-device model."""
-    info = _info(json.dumps(cfg.to_dict(), sort_keys=True))
+    """Weight bytes of the whole model by placement component (`model_info`'s closed form)."""
+    info = model_info(cfg)
     out = dict.fromkeys(COMPONENTS, 0)
     for name, n in (info.fp8_component_bytes if fp8 else info.bf16_component_bytes).items():
         out[_PLACEMENT[name]] += n

@@ -1,4 +1,4 @@
-"""The serving engine with routed experts split over torchrun ranks (`kimi-k2 serve --ep N`).
+"""The engine with routed experts split over torchrun ranks (`kimi-k2 serve --ep N`, `kimi-k2 generate --ep N`).
 
 Every rank loads its slice of the experts (`load_expert_parallel`) and builds the same LLMEngine, hence the same
 latent page pool. Rank 0 schedules, samples and serves HTTP; its ModelRunner sends each step's rows through
@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,9 +35,9 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
-def launch_error(ep: int) -> str | None:
-    """Why this process cannot be rank of an `--ep ep` server (None: it can)."""
-    how = f"launch it with `torchrun --nproc-per-node {ep} -m kimi_k2.cli serve --ep {ep} --model DIR ...`"
+def launch_error(ep: int, command: str = "serve") -> str | None:
+    """Why this process cannot be a rank of `kimi-k2 COMMAND --ep ep` (None: it can)."""
+    how = f"launch it with `torchrun --nproc-per-node {ep} -m kimi_k2.cli {command} DIR --ep {ep} ...`"
     if ep < 1:
         return f"--ep must be >= 1, got {ep}"
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
@@ -47,14 +48,16 @@ def launch_error(ep: int) -> str | None:
 
 
 def run_expert_parallel(model_dir: str | os.PathLike[str], config: EngineConfig, dtype: torch.dtype,
-                        serve: Callable[[LLMEngine], int]) -> int:
-    """On every torchrun rank (model_dir holds the tokenizer): rank 0 returns `serve(engine)`, its engine's
-    forwards run on all ranks; the other ranks return 0 once rank 0's `serve` has returned (or raised)."""
+                        serve: Callable[[LLMEngine], int], tp_attention: bool = False) -> int:
+    """On every torchrun rank: rank 0 returns `serve(engine)` (with model_dir's tokenizer, when it has one), its
+    engine's forwards run on all ranks; the other ranks return 0 once rank 0's `serve` has returned (or raised).
+    tp_attention: also split MLA by heads over the ranks (`load_expert_parallel`)."""
     dist.init_process_group("gloo", timeout=IDLE_TIMEOUT)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        model, _ = load_expert_parallel(model_dir, rank, world, dtype)
-        engine = LLMEngine(model, Tokenizer.from_pretrained(model_dir) if rank == 0 else None, config)
+        model, _ = load_expert_parallel(model_dir, rank, world, dtype, tp_attention=tp_attention)
+        has_tokenizer = rank == 0 and (Path(model_dir) / "tiktoken.model").is_file()
+        engine = LLMEngine(model, Tokenizer.from_pretrained(model_dir) if has_tokenizer else None, config)
         runner = DistributedRunner(engine.runner.forward)
         if rank != 0:  # Ctrl-C or torchrun's SIGTERM reach every rank: rank 0 drains, then releases the others
             for s in (signal.SIGINT, signal.SIGTERM):

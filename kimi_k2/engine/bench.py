@@ -4,29 +4,9 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
-import torch
-from torch import nn
-
-from kimi_k2.config import PRESETS, K2Config
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.params import SamplingParams
-
-
-def load_model(name_or_dir: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A model directory, or a preset name with random weights (std 1/sqrt(fan_in), so logits are not flat)."""
-    from kimi_k2.model import K2ForCausalLM
-
-    if Path(name_or_dir).is_dir() or name_or_dir not in PRESETS:
-        return K2ForCausalLM.from_pretrained(name_or_dir, dtype=dtype)
-    torch.manual_seed(seed)
-    model = K2ForCausalLM.from_config(K2Config.from_preset(name_or_dir), dtype)
-    with torch.no_grad():
-        for t in model.parameters():
-            if t.ndim == 2:
-                t.normal_(0.0, t.shape[1] ** -0.5)
-    return model.eval()
 
 
 def measure(engine: LLMEngine, batch: int, prompt_len: int, new: int, seed: int = 0) -> dict[str, float]:

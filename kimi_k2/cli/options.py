@@ -1,0 +1,81 @@
+"""What every command shares: the MODEL argument, `--dtype`, checked numbers, and the two kinds of error.
+
+Exit status (`kimi_k2.cli.main`): 0 done; 2 a usage error (argparse's own, or `UsageError`: arguments that parse
+but do not go together), printed after the usage line; 1 a runtime error (`CommandError`, and the `ValueError` /
+`OSError` of bad input: a missing model, an unreadable file), printed as `kimi-k2 CMD: error: MESSAGE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kimi_k2.config import PRESETS, K2Config
+
+DTYPES = ("bfloat16", "float16", "float32")
+MODEL_FILES = "config.json, *.safetensors, and for text tiktoken.model + tokenizer_config.json"
+
+
+class CommandError(Exception):
+    """A runtime error: `kimi-k2 CMD: error: MESSAGE`, exit status 1."""
+
+
+class UsageError(Exception):
+    """Arguments that parse but do not go together: the usage line, `kimi-k2 CMD: error: MESSAGE`, exit status 2."""
+
+
+def add_model(parser: argparse.ArgumentParser, help: str, default: str | None = None, required: bool = True) -> None:
+    """MODEL as a positional (`vllm serve MODEL`), also accepted as `--model MODEL`; `resolve_model` merges them.
+    Without a default, MODEL is required unless `required=False` (then args.model may be None)."""
+    text = help if default is None else f"{help} (default: {default})"
+    parser.add_argument("model", nargs="?", metavar="MODEL", help=text)
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the MODEL positional")
+    parser.set_defaults(model_default=default, model_required=required and default is None)
+
+
+def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.model <- the positional, or --model, or the command's default; usage error if they differ or none."""
+    if not hasattr(args, "model_flag"):
+        return
+    positional, flag = args.model, args.model_flag
+    if positional is not None and flag is not None and positional != flag:
+        parser.error(f"MODEL given twice, as {positional!r} and as --model {flag!r}: pass it once")
+    args.model = positional or flag or args.model_default
+    if args.model is None and args.model_required:
+        parser.error("the following arguments are required: MODEL (or --model MODEL)")
+    del args.model_flag, args.model_default, args.model_required
+
+
+def add_dtype(parser: argparse.ArgumentParser, default: str, help: str = "weight and compute dtype") -> None:
+    parser.add_argument("--dtype", default=default, choices=DTYPES, help=f"{help} (default: {default})")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def model_dir(model: str, what: str = "a Kimi-format model directory") -> Path:
+    """The model directory `model` names, or a CommandError that says what to pass."""
+    d = Path(model)
+    if (d / "config.json").is_file():
+        return d
+    raise CommandError(
+        f"no model at {model} (no config.json there): pass MODEL, {what} ({MODEL_FILES}). Train K2-Nano with "
+        f"`kimi-k2 train --config recipes/k2-nano-instruct.toml` (after its base recipe; see recipes/) and pass its "
+        f"final checkpoint directory, or convert a Hugging Face Kimi K2 checkpoint with `kimi-k2 convert`")
+
+
+def model_config(model: str) -> K2Config:
+    """The config of a model directory or a preset, or a CommandError that says what to pass."""
+    if not Path(model).exists() and model in PRESETS:
+        return K2Config.from_preset(model)
+    if not (Path(model) / "config.json").is_file() and not Path(model).is_file():
+        raise CommandError(f"no model at {model} (no config.json there): pass MODEL, a model directory with a "
+                           f"config.json or a preset ({', '.join(PRESETS)})")
+    return K2Config.from_pretrained(model)

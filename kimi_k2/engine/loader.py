@@ -1,0 +1,24 @@
+"""The model behind an engine: a Kimi-format directory, or a preset with random weights (vLLM's `load_format="dummy"`)
+for benchmarks and smoke runs without a checkpoint (`kimi-k2 generate k2-small`, `kimi-k2 bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kimi_k2.config import PRESETS, K2Config
+from kimi_k2.model import K2ForCausalLM
+
+
+def load_model(name_or_dir: str, dtype: torch.dtype, seed: int = 0) -> K2ForCausalLM:
+    """A model directory, or a preset name with random weights (std 1/sqrt(fan_in), so logits are not flat)."""
+    if Path(name_or_dir).is_dir() or name_or_dir not in PRESETS:
+        return K2ForCausalLM.from_pretrained(name_or_dir, dtype=dtype)
+    torch.manual_seed(seed)
+    model = K2ForCausalLM.from_config(K2Config.from_preset(name_or_dir), dtype)
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.ndim == 2:
+                t.normal_(0.0, t.shape[1] ** -0.5)
+    return model.eval()
