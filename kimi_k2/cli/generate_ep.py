@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kimi_k2.deploy.expert_parallel import load_expert_parallel
-from kimi_k2.deploy.runner import CachedStepper, DistributedRunner, greedy_generate
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.parallel import CachedStepper, DistributedRunner, greedy_generate, load_expert_parallel
 
 
 def _ids(text: str) -> list[int]:

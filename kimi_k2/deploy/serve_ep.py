@@ -15,11 +15,9 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
-from kimi_k2.deploy.expert_parallel import load_expert_parallel
-from kimi_k2.deploy.runner import DistributedRunner
 from kimi_k2.engine import EngineConfig, LLMEngine
+from kimi_k2.parallel import DistributedRunner, init_distributed, load_expert_parallel, shutdown
 from kimi_k2.tokenizer import Tokenizer
 
 # workers wait in a broadcast for the next step while the server is idle; gloo's default 30 min timeout would end them
@@ -50,10 +48,10 @@ def run_expert_parallel(model_dir: str | os.PathLike[str], config: EngineConfig,
                         serve: Callable[[LLMEngine], int]) -> int:
     """On every torchrun rank (model_dir holds the tokenizer): rank 0 returns `serve(engine)`, its engine's
     forwards run on all ranks; the other ranks return 0 once rank 0's `serve` has returned (or raised)."""
-    dist.init_process_group("gloo", timeout=IDLE_TIMEOUT)
+    info = init_distributed(device="cpu", timeout=IDLE_TIMEOUT)
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        model, _ = load_expert_parallel(model_dir, rank, world, dtype)
+        rank = info.rank
+        model, _ = load_expert_parallel(model_dir, rank, info.world_size, dtype)
         engine = LLMEngine(model, Tokenizer.from_pretrained(model_dir) if rank == 0 else None, config)
         runner = DistributedRunner(engine.runner.forward)
         if rank != 0:  # Ctrl-C or torchrun's SIGTERM reach every rank: rank 0 drains, then releases the others
@@ -71,4 +69,4 @@ def run_expert_parallel(model_dir: str | os.PathLike[str], config: EngineConfig,
         finally:
             runner.shutdown()
     finally:
-        dist.destroy_process_group()
+        shutdown()

@@ -6,6 +6,9 @@ One optimizer step t:
   aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_e += gamma * sign(mean(load) - load_e), load summed over the
   step's micro-batches and ranks
 Logs go to OUT/log.jsonl (and TensorBoard when asked); checkpoints to OUT/checkpoints; the final model to OUT/final.
+Under torchrun the ranks train data parallel (`kimi_k2.parallel`), optionally with the routed experts split over them
+(`train.expert_parallel`). Checkpoints are written by rank 0 (by every rank under expert parallelism) into
+train.out_dir, so across machines out_dir must be on a filesystem every node sees for a run to resume.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ from tqdm import tqdm
 
 from kimi_k2.checkpoint import save_state_dict
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.parallel import (
+    DistInfo,
+    all_reduce_,
+    barrier,
+    gather_full_state_dict,
+    init_distributed,
+    shard_experts,
+    shutdown,
+    wrap_data_parallel,
+)
 from kimi_k2.train import checkpointing
 from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_paths, load_pretrain, load_sft
-from kimi_k2.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, shutdown, wrap_data_parallel
-from kimi_k2.train.expert_parallel import gather_full_state_dict, shard_experts
 from kimi_k2.train.optim import build_optimizer
 from kimi_k2.train.param_groups import freeze
 from kimi_k2.train.recipe import Recipe
@@ -79,7 +90,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(t.seed)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = self.dist.device
         self.out = Path(t.out_dir)
         self.config = recipe.model.build_config()
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
@@ -276,7 +287,7 @@ class Trainer:
 
     def export(self) -> Path:
         final = self.out / "final"
-        full = gather_full_state_dict(self.model, self.dist.world_size) if self.ep else self.model.state_dict()
+        full = gather_full_state_dict(self.model) if self.ep else self.model.state_dict()
         if self.dist.is_main:
             save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8)
             if self.recipe.data.tokenizer:
@@ -348,4 +359,4 @@ def train(recipe: Recipe) -> dict[str, Any]:
     try:
         return Trainer(recipe, info).fit()
     finally:
-        shutdown(info)
+        shutdown()
