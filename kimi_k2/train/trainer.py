@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kimi_k2.checkpoint import save_state_dict
+from kimi_k2.checkpoint.writer import is_weight_file, remove_interrupted_writes
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.parallel import (
     DistInfo,
@@ -235,17 +235,20 @@ class Trainer:
 
     # ---- run ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
+        """Continue from the latest checkpoint, or from step 0 when there is none."""
         ckpt = checkpointing.latest_checkpoint(self.out)
-        if ckpt is None:
-            return
-        state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer, self.dist.rank if self.ep else None)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if ckpt is not None:
+            state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer,
+                                                  self.dist.rank if self.ep else None)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.dist.is_main:
             self._truncate_log(self.step)
-            print(f"resumed from {ckpt} at step {self.step}")
+            if ckpt is not None:
+                print(f"resumed from {ckpt} at step {self.step}")
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines past the checkpoint: a killed run may have logged steps that are redone now."""
+        """Drop log lines past `step`: a killed run may have logged steps that are redone now (all of them, when it
+        died before its first checkpoint)."""
         log = self.out / "log.jsonl"
         if log.exists():
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -288,12 +291,10 @@ class Trainer:
     def export(self) -> Path:
         final = self.out / "final"
         full = gather_full_state_dict(self.model) if self.ep else self.model.state_dict()
-        if self.dist.is_main:
-            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8)
-            if self.recipe.data.tokenizer:
-                for f in Path(self.recipe.data.tokenizer).iterdir():
-                    if f.is_file() and not (final / f.name).exists():
-                        shutil.copy2(f, final / f.name)
+        if self.dist.is_main:  # the tokenizer files go into the same atomic write as the weights
+            tokenizer = [f for f in Path(self.recipe.data.tokenizer).iterdir() if f.is_file()
+                         and not is_weight_file(f.name)] if self.recipe.data.tokenizer else []
+            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8, extra_files=tokenizer)
         barrier(self.dist)
         return final
 
@@ -301,6 +302,8 @@ class Trainer:
         t, total = self.recipe.train, self.recipe.schedule.total_steps
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_interrupted(self.out)  # what a run killed mid-save or mid-export left
+            remove_interrupted_writes(self.out / "final")
             (self.out / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2) + "\n")
             if t.tensorboard:
                 try:
