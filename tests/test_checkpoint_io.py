@@ -330,6 +330,10 @@ def test_error_data_offsets_that_overlap(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     with pytest.raises(CheckpointError, match=r"tensor a in .*: 8 bytes for torch.float32 \[3\]"):
         CheckpointReader(tmp_path)
+    header = json.dumps({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match="unreadable safetensors file .* must be non-negative integers"):
+        CheckpointReader(tmp_path)
 
 
 class SliceSpy:

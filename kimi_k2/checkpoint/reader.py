@@ -67,11 +67,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
-        entries = {
-            k: TensorEntry(_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                           8 + n + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"
-        }
+        entries = {k: _entry(v, 8 + n) for k, v in header.items() if k != "__metadata__"}
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"unreadable safetensors file {path}: {e!r}") from e
     pos = 8 + n
@@ -88,6 +84,13 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     if pos != size:
         raise CheckpointError(f"{path} has {size - pos} bytes after its last tensor: the file is corrupt")
     return entries
+
+
+def _entry(raw: dict[str, Any], data_start: int) -> TensorEntry:
+    shape, (begin, end) = tuple(raw["shape"]), raw["data_offsets"]
+    if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
+        raise ValueError(f"shape {list(shape)} and data_offsets {[begin, end]} must be non-negative integers")
+    return TensorEntry(_DTYPES[raw["dtype"]], shape, data_start + begin, data_start + end)
 
 
 def loaded_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
