@@ -76,7 +76,7 @@ def reset_peak_rss() -> None:
 
 def child(directory: Path, prompt_len: int, new_tokens: int, cache_experts: int) -> dict:
     from kimi_k2.deploy.offload import load_offloaded
-    from kimi_k2.deploy.runner import CachedStepper
+    from kimi_k2.parallel import CachedStepper
 
     proc = psutil.Process()
     base = proc.memory_info().rss

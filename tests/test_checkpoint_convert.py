@@ -13,22 +13,16 @@ from safetensors import safe_open
 import kimi_k2.checkpoint.reader as reader_mod
 import kimi_k2.checkpoint.writer as writer_mod
 from kimi_k2.checkpoint import CheckpointReader, dequantize_block_fp8, save_state_dict
+from kimi_k2.checkpoint.layout import expected_shapes
 from kimi_k2.cli import main
 from kimi_k2.cli.convert import parse_size
 from kimi_k2.config import K2Config
 
-SHAPES = {
-    "model.embed_tokens.weight": (50, 96),
-    "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (200, 96),
-    "model.layers.0.self_attn.o_proj.weight": (96, 130),
-    "model.layers.0.input_layernorm.weight": (96,),
-    "model.layers.1.mlp.gate.weight": (4, 96),
-    "model.layers.1.mlp.gate.e_score_correction_bias": (4,),
-    "model.layers.1.mlp.experts.0.down_proj.weight": (96, 40),
-    "model.layers.1.mlp.shared_experts.up_proj.weight": (40, 96),
-    "model.norm.weight": (96,),
-    "lm_head.weight": (50, 96),
-}
+# every 2-D weight K2 stores as block-FP8 has a 128-block edge here (kv_a_proj_with_mqa is 144 x 160)
+CONFIG = K2Config.from_preset("k2-tiny").replace(
+    vocab_size=50, hidden_size=160, intermediate_size=64, moe_intermediate_size=40, num_hidden_layers=2,
+    kv_lora_rank=136, n_routed_experts=4)
+SHAPES = expected_shapes(CONFIG)
 
 
 def raw_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -45,7 +39,7 @@ def fp8_src(tmp_path: Path) -> Path:
     sd = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
     (tmp_path / "tiktoken.model").write_text("tok")
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
-    save_state_dict(sd, tmp_path / "src", K2Config.from_preset("k2-tiny"), fp8=True, max_shard_size=40_000,
+    save_state_dict(sd, tmp_path / "src", CONFIG, fp8=True, max_shard_size=40_000,
                     extra_files=[tmp_path / "tiktoken.model", tmp_path / "chat_template.jinja"])
     return tmp_path / "src"
 
@@ -110,6 +104,36 @@ def test_convert_errors(fp8_src: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "invalid choice: 'int4'" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["convert", str(fp8_src), str(dst), "--to", "bf16", "--overwrite", "--no-progress"]) == 0
     assert (dst / "keep").exists() and set(CheckpointReader(dst)) == set(CheckpointReader(fp8_src))
+
+
+def wrote_nothing(dst: Path) -> bool:
+    return not dst.exists() and not list(dst.parent.glob(f".{dst.name}.*"))
+
+
+def test_convert_refuses_a_checkpoint_that_disagrees_with_its_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A weight missing, a tensor of another shape than config.json implies, a truncated shard: exit 1 with the
+    tensor or file named, and nothing written (no DST, no temp folder)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    gone = "model.layers.1.mlp.experts.2.up_proj.weight"
+    save_state_dict({k: v for k, v in sd.items() if k != gone}, tmp_path / "missing", CONFIG)
+    dst = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "missing"), str(dst), "--to", "fp8", "--no-progress"]) == 1
+    assert f"lacks 1 tensors its config.json implies: ['{gone}']" in capsys.readouterr().err and wrote_nothing(dst)
+
+    save_state_dict(sd, tmp_path / "shape", CONFIG.replace(kv_lora_rank=128))  # kv_a_proj, its norm, kv_b_proj: x2
+    assert main(["convert", str(tmp_path / "shape"), str(dst), "--to", "bf16", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "6 tensors disagree with its config.json" in err and "model.layers.0.self_attn.kv_b_proj.weight" in err
+    assert wrote_nothing(dst)
+
+    save_state_dict(sd, tmp_path / "cut", CONFIG, max_shard_size=40_000)
+    shard = sorted((tmp_path / "cut").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    assert main(["convert", str(tmp_path / "cut"), str(dst), "--to", "bf16", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"lies outside {shard}" in err and "truncated" in err and "Traceback" not in err and wrote_nothing(dst)
 
 
 @pytest.mark.parametrize(("text", "n"), [("5GB", 5 * 10**9), ("64MiB", 64 * 2**20), ("1000", 1000), ("1.5kb", 1500)])

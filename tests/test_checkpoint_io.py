@@ -22,6 +22,7 @@ from kimi_k2.checkpoint import (
     CheckpointError,
     CheckpointReader,
     ShardWriter,
+    Slice,
     load_into,
     quantize_block_fp8,
     save_state_dict,
@@ -298,9 +299,103 @@ def test_error_missing_and_unexpected(saved: Path) -> None:
     del smaller.model.layers[1].mlp.experts[3].up_proj
     with pytest.raises(CheckpointError, match=r"1 tensors the model does not: \['model.layers.1.mlp.experts.3.up_proj"):
         load_into(smaller, saved)
-    with pytest.warns(UserWarning, match="experts.3.up_proj.weight"):
-        load_into(smaller, saved, strict=False)
+    read = load_into(smaller, saved, strict=False)  # part of the checkpoint by design: the rest is not read
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" not in read
+    assert sorted(read) == sorted(smaller.state_dict())
     assert not any(t.is_meta for t in smaller.state_dict().values())
+
+
+def test_error_truncated_or_padded_data_area(saved: Path) -> None:
+    """A shard cut short in its data area (an interrupted copy) is named when the checkpoint is opened, before any
+    data is read, not as a raw safetensors error (or a segfault) half way through a load."""
+    shard = sorted(saved.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=rf"tensor \S+ lies outside {shard}.*: the file is truncated or corrupt"):
+        CheckpointReader(saved)
+    with pytest.raises(CheckpointError, match=f"lies outside {shard}"):
+        load_into(meta_toy(), saved)
+    shard.write_bytes(data + bytes(10))
+    with pytest.raises(CheckpointError, match=f"{shard} has 10 bytes after its last tensor"):
+        CheckpointReader(saved)
+
+
+def test_error_data_offsets_that_overlap(tmp_path: Path) -> None:
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(CheckpointError, match=r"tensor b starts at byte .* \(tensors overlap or leave a gap\)"):
+        CheckpointReader(tmp_path)
+    header = json.dumps({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match=r"tensor a in .*: 8 bytes for torch.float32 \[3\]"):
+        CheckpointReader(tmp_path)
+    header = json.dumps({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match="unreadable safetensors file .* must be non-negative integers"):
+        CheckpointReader(tmp_path)
+
+
+class SliceSpy:
+    """Wraps safe_open: records which tensors are read whole (get_tensor) and which in part (get_slice)."""
+
+    def __init__(self) -> None:
+        self.whole: list[str] = []
+        self.parts: list[str] = []
+
+    def __call__(self, path: os.PathLike[str], framework: str) -> Any:
+        spy, inner = self, safetensors.safe_open(path, framework=framework)
+
+        class Handle:
+            def __enter__(self) -> Handle:
+                self.f = inner.__enter__()
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                inner.__exit__(*exc)
+
+            def get_tensor(self, name: str) -> torch.Tensor:
+                spy.whole.append(name)
+                return self.f.get_tensor(name)
+
+            def get_slice(self, name: str) -> Any:
+                spy.parts.append(name)
+                return self.f.get_slice(name)
+
+        return Handle()
+
+
+def test_load_into_reads_only_the_parts_a_model_holds(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor-parallel parts: rows or columns of fp8 weights (read as whole 128-blocks, then cut) and of plain
+    tensors, equal to the same part of a full load."""
+    full = meta_toy()
+    load_into(full, saved, dtype=torch.float32)
+    parts = {
+        "model.layers.0.self_attn.o_proj.weight": Slice(0, 100, 272),  # fp8 [300, 130]: rows of blocks 0-2
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight": Slice(1, 130, 131),  # fp8 [200, 300]: one column
+        "model.norm.weight": Slice(0, 5, 9),  # bf16
+    }
+    model = meta_toy()
+    for name, (dim, start, stop) in parts.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        shape = list(module.weight.shape)
+        shape[dim] = stop - start
+        module.weight = nn.Parameter(torch.empty(shape, device="meta"))
+    spy = SliceSpy()
+    monkeypatch.setattr(reader_mod, "safe_open", spy)
+    read = load_into(model, saved, dtype=torch.float32, parts=parts)
+    assert sorted(read) == sorted(full.state_dict())
+    assert sorted(spy.parts) == sorted(parts) and not set(spy.whole) & set(parts)
+    got, want = model.state_dict(), full.state_dict()
+    for name, t in got.items():
+        part = parts.get(name)
+        ref = want[name] if part is None else want[name].narrow(part.dim, part.start, part.stop - part.start)
+        assert torch.equal(t, ref), name
+    with pytest.raises(CheckpointError, match=r"slice 0:400 of dim 0 is outside model.norm.weight \(300,\)"):
+        load_into(meta_toy(), saved, parts={"model.norm.weight": Slice(0, 0, 400)})
+    with pytest.raises(CheckpointError, match=r"shape mismatch for model.norm.weight: checkpoint \(300,\) sliced to "
+                                              r"\(4,\), model \(300,\)"):
+        load_into(meta_toy(), saved, parts={"model.norm.weight": Slice(0, 5, 9)})
 
 
 def test_error_no_checkpoint(tmp_path: Path) -> None:

@@ -10,15 +10,19 @@ import sys
 import pytest
 import torch
 
-from kimi_k2.checkpoint import CheckpointReader
+from kimi_k2.checkpoint import CheckpointReader, load_into
 from kimi_k2.config import K2Config
-from kimi_k2.deploy.expert_parallel import load_expert_parallel, shard_experts
-from kimi_k2.deploy.loading import load_present
-from kimi_k2.deploy.runner import CachedStepper, greedy_generate
-from kimi_k2.deploy.tensor_parallel import TPMLA, shard_attention
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.attention import MLA
-from kimi_k2.model.expert_parallel import expert_range
+from kimi_k2.parallel import (
+    TPMLA,
+    CachedStepper,
+    expert_range,
+    greedy_generate,
+    load_expert_parallel,
+    shard_attention,
+    shard_experts,
+)
 
 PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]  # B*S = 10 tokens: uneven slices over 4 ranks
 NEW_TOKENS = 6
@@ -86,7 +90,7 @@ def test_head_parallel_partial_outputs_sum_to_the_full_attention(checkpoint):
         with torch.device("meta"):
             model = K2ForCausalLM(full.config)
             slices = shard_attention(model, rank, 2)
-        load_present(model, CheckpointReader(checkpoint), torch.float32, slices=slices)
+        load_into(model, CheckpointReader(checkpoint), torch.float32, parts=slices)
         attn = model.model.layers[1].self_attn
         assert isinstance(attn, TPMLA) and attn.n_heads == full.config.num_attention_heads // 2
         with torch.no_grad():

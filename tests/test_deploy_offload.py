@@ -10,9 +10,9 @@ import torch
 from kimi_k2.checkpoint import CheckpointError, CheckpointReader, save_state_dict
 from kimi_k2.config import K2Config
 from kimi_k2.deploy.offload import MappedShard, OffloadedExpert, load_offloaded
-from kimi_k2.deploy.runner import CachedStepper, greedy_generate
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.parallel import CachedStepper, greedy_generate
 
 # experts dominate the bytes, as in K2 (97%): 64 experts of 3 x 128x256 per MoE layer
 CONFIG = K2Config.from_preset("k2-tiny").replace(hidden_size=128, moe_intermediate_size=256, n_routed_experts=64,

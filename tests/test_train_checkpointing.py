@@ -88,3 +88,46 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
     assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model, opt)["tokens_seen"] == 2
+
+
+def test_state_pt_holds_only_tensors_and_plain_values(tmp_path):
+    model, opt = make()
+    ck.save_checkpoint(tmp_path, 1, model, opt, {"tokens_seen": 7}, keep_last=1)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt", weights_only=True)
+    assert state["step"] == 1 and state["tokens_seen"] == 7 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+
+
+class RunsCode:
+    """What a crafted pickle can do on load: call any function (here: create a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_state_pt_with_other_objects_is_refused_unopened(tmp_path):
+    model, opt = make()
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    state = torch.load(path / "state.pt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "payload": RunsCode(marker)}, path / "state.pt")
+    with pytest.raises(ValueError, match="state.pt holds objects other than tensors and plain values"):
+        ck.load_checkpoint(path, model, opt)
+    assert not marker.exists()
+
+
+def test_remove_interrupted_drops_temp_folders_and_puts_a_moved_checkpoint_back(tmp_path):
+    model, opt = make()
+    for step in (1, 2):
+        ck.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=3)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".tmp_step_00000003").mkdir()  # killed while writing step 3
+    os.rename(ckpts / "step_00000002", ckpts / ".old_step_00000002")  # killed while re-saving step 2
+    (ckpts / "step_00000001").rename(ckpts / "keep")
+    ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
+    (ckpts / "keep").rename(ckpts / ".old_step_00000001")  # ... and a re-save of step 1 that did finish
+    ck.remove_interrupted(tmp_path)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1, 2]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 def worker() -> None:
     from kimi_k2.config import K2Config
     from kimi_k2.model import K2ForCausalLM
-    from kimi_k2.train.expert_parallel import gather_full_state_dict, shard_experts
+    from kimi_k2.parallel import gather_full_state_dict, shard_experts
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -42,7 +42,7 @@ def worker() -> None:
             dist.all_reduce(p.grad)  # replicated parameters: data parallel
         # local experts: the all-to-all backward already summed every rank's contribution
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    full = gather_full_state_dict(ep, world)
+    full = gather_full_state_dict(ep)
     if rank == 0:
         assert full.keys() == ref.state_dict().keys()
         assert all(torch.equal(full[k], v) for k, v in ref.state_dict().items())

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from kimi_k2.checkpoint import ShardWriter
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.train.plot import plot_runs
 from kimi_k2.train.recipe import Recipe
@@ -127,6 +128,43 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path, token
 def recipe(tokens: Path, out: Path, *overrides: str) -> Recipe:
     return Recipe.from_toml(TINY, [f"data.paths=[{json.dumps(str(tokens))}]", f"train.out_dir={json.dumps(str(out))}",
                                    "train.threads=0", "train.deterministic=false", *overrides])
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, tokens):
+    out = tmp_path / "early"
+    r = recipe(tokens, out, "schedule.total_steps=4", "train.ckpt_every=0", "train.export=false")
+    t = Trainer(r)
+    real_step = t.train_step
+
+    def dies_in_step_3(step: int, track_logits: bool):
+        if step == 2:
+            raise KeyboardInterrupt  # the process ends here: steps 1-2 logged, no checkpoint written yet
+        return real_step(step, track_logits)
+
+    t.train_step = dies_in_step_3
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert [r["step"] for r in read_log(out)] == [1, 2] and not list((out / "checkpoints").glob("step_*"))
+    Trainer(r).fit()
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_rerun_cleans_up_after_a_kill_during_export(tmp_path, tokens):
+    """SIGKILL skips every cleanup: what it leaves mid-export (the writer's temp folder, the previous export moved
+    aside) and mid-save (a checkpoint temp folder) is removed, or put back, by the next run of the same out_dir."""
+    out = tmp_path / "export"
+    r = recipe(tokens, out, "schedule.total_steps=2", "train.ckpt_every=1", "train.keep_last=3")
+    Trainer(r).fit()
+    os.replace(out / "final", out / ".final.old-0123abcd")  # killed between the two renames that publish
+    partial = ShardWriter(out / "final")  # ... while a new export was being written
+    (partial.tmp / "shard-00000.tmp").write_bytes(b"partial")
+    (out / "checkpoints" / ".tmp_step_00000003").mkdir()  # and a checkpoint save of a longer run
+    Trainer(r).fit()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    ref = final_weights(out)
+    exported = K2ForCausalLM.from_pretrained(out / "final", dtype=torch.float32).state_dict()
+    assert exported.keys() == ref.keys() and all(torch.equal(t, ref[n]) for n, t in exported.items())
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokens):

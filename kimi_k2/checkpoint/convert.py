@@ -1,6 +1,8 @@
 """Re-encode a checkpoint between block-FP8 and bf16 (`kimi-k2 convert`), streaming one tensor at a time.
 
 Holds at most one source tensor plus one output shard in memory, so it works for checkpoints larger than RAM.
+Before anything is written the source is checked: every tensor its config.json implies, no other, with the implied
+shapes (`layout.check_layout`), and every safetensors file whole (`read_header`); a failed check writes nothing.
 The non-weight files of SRC (tokenizer, chat template, ...) are copied; config.json gets the new
 quantization_config and torch_dtype.
 """
@@ -13,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from kimi_k2.checkpoint.fp8 import is_quantized_name
+from kimi_k2.checkpoint.layout import check_layout
 from kimi_k2.checkpoint.reader import CheckpointReader, loaded_dtype
 from kimi_k2.checkpoint.writer import ShardWriter, checkpoint_config, is_weight_file, prepare
 from kimi_k2.config import K2Config
@@ -23,6 +26,7 @@ def convert(src: Path, dst: Path, to: str, max_shard_size: int, progress: bool =
         raise ValueError(f"unknown target format {to!r}; expected bf16 or fp8")
     reader = CheckpointReader(src)
     config = K2Config.from_pretrained(src)
+    check_layout(reader, config)
     fp8 = to == "fp8"
     extra = [p for p in sorted(src.iterdir()) if not is_weight_file(p.name) and not p.name.startswith(".")]
     with ShardWriter(dst, max_shard_size) as writer:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
-from torch import nn
+from safetensors import SafetensorError, safe_open
 
 from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_block_fp8, scale_shape
 
@@ -37,19 +36,61 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the tensor or file."""
 
 
-def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Tensor name -> (dtype, shape) from a safetensors header: u64 little-endian length, then that much JSON."""
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors file: its dtype, shape and data bytes [begin, end) as offsets in the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class Slice(NamedTuple):
+    """The part [start, stop) along `dim` of a tensor that a model holds (tensor parallelism)."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> TensorEntry from a safetensors file: u64 little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets: [b, e]}}, then the data area; a tensor's bytes are [8 + n + b, 8 + n + e).
+
+    The data area must be exactly covered by the tensors, back to back (as `safetensors` requires): a file cut
+    short (an interrupted copy or download) or with bytes missing is named here rather than failing on first read.
+    """
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > os.path.getsize(path) - 8:
-                raise ValueError(f"header length {n} exceeds the file size")
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
-        return {
-            k: (_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"
-        }
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        entries = {k: _entry(v, 8 + n) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"unreadable safetensors file {path}: {e!r}") from e
+    pos = 8 + n
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if not 8 + n <= e.begin <= e.end <= size:
+            raise CheckpointError(f"tensor {name} lies outside {path} (bytes {e.begin}..{e.end} of {size}): the file "
+                                  f"is truncated or corrupt")
+        if e.end - e.begin != _nbytes(e.dtype, e.shape):
+            raise CheckpointError(f"tensor {name} in {path}: {e.end - e.begin} bytes for {e.dtype} {list(e.shape)}")
+        if e.begin != pos:
+            raise CheckpointError(f"{path}: tensor {name} starts at byte {e.begin}, expected {pos} (tensors overlap "
+                                  f"or leave a gap): the file is corrupt")
+        pos = e.end
+    if pos != size:
+        raise CheckpointError(f"{path} has {size - pos} bytes after its last tensor: the file is corrupt")
+    return entries
+
+
+def _entry(raw: dict[str, Any], data_start: int) -> TensorEntry:
+    shape, (begin, end) = tuple(raw["shape"]), raw["data_offsets"]
+    if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
+        raise ValueError(f"shape {list(shape)} and data_offsets {[begin, end]} must be non-negative integers")
+    return TensorEntry(_DTYPES[raw["dtype"]], shape, data_start + begin, data_start + end)
 
 
 def loaded_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -84,7 +125,7 @@ class CheckpointReader:
             if not (self.directory / shard).is_file():
                 raise CheckpointError(f"shard {shard} named in {index} is missing from {self.directory}")
             headers[shard] = read_header(self.directory / shard)
-        self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.info: dict[str, TensorEntry] = {}
         for name, shard in self.weight_map.items():
             if name not in headers[shard]:
                 raise CheckpointError(f"tensor {name} is mapped to shard {shard} by {index}, but is not in it")
@@ -113,10 +154,10 @@ class CheckpointReader:
         return name in self._name_set
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.info[name][1]
+        return self.info[name].shape
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        return self.info[name][0]
+        return self.info[name].dtype
 
     def is_fp8(self, name: str) -> bool:
         return self.stored_dtype(name) == FP8_DTYPE
@@ -124,7 +165,7 @@ class CheckpointReader:
     @property
     def total_bytes(self) -> int:
         """Bytes of tensor data as stored (fp8 weights and their scales included)."""
-        return sum(_nbytes(*self.info[name]) for name in self.weight_map)
+        return sum(e.end - e.begin for e in self.info.values())
 
     def names_in(self, shard: str) -> list[str]:
         return self._by_shard[shard]
@@ -144,39 +185,82 @@ class CheckpointReader:
         for _, name, t in self._walk(names, dtype):
             yield name, t
 
-    def read_into(self, outs: dict[str, torch.Tensor]) -> None:
-        """Copy (dequantizing, casting) each named tensor into the preallocated `outs[name]`, shard by shard."""
-        for _ in self._walk(set(outs), None, outs):
+    def read_into(self, outs: dict[str, torch.Tensor], parts: Mapping[str, Slice] | None = None) -> None:
+        """Copy (dequantizing, casting) each named tensor into the preallocated `outs[name]`, shard by shard.
+
+        parts: name -> Slice: `outs[name]` receives only that part, and only its bytes are read (for block-FP8, the
+        whole 128-row/column blocks that hold it).
+        """
+        for _ in self._walk(set(outs), None, outs, parts or {}):
             pass
 
+    def part_shape(self, name: str, part: Slice) -> tuple[int, ...]:
+        """The shape of `part` of tensor `name`, checked against the tensor's shape."""
+        shape = list(self.shape(name))
+        dim, start, stop = part
+        if not (0 <= dim < len(shape) and 0 <= start < stop <= shape[dim]):
+            raise CheckpointError(f"slice {start}:{stop} of dim {dim} is outside {name} {tuple(shape)}")
+        shape[dim] = stop - start
+        return tuple(shape)
+
     def _walk(
-        self, names: set[str] | None, dtype: torch.dtype | None, outs: dict[str, torch.Tensor] | None = None
+        self, names: set[str] | None, dtype: torch.dtype | None, outs: dict[str, torch.Tensor] | None = None,
+        parts: Mapping[str, Slice] | None = None,
     ) -> Iterator[tuple[str, str, torch.Tensor]]:
         for shard in self.shards:
             todo = [n for n in self.names_in(shard) if names is None or n in names]
             if not todo:
                 continue
-            with safe_open(self.directory / shard, framework="pt") as f:
+            with self._open(shard) as f:
                 for name in todo:
                     # allocated before the temporaries of dequantization, so those are freed from the top of the
                     # heap (allocating them first fragmented glibc's heap and doubled the RSS of a model load)
                     out = outs[name] if outs is not None else torch.empty(
                         self.shape(name), dtype=loaded_dtype(name, self.stored_dtype(name), dtype))
-                    yield shard, name, self._read(f, shard, name, out)
+                    part = parts.get(name) if parts else None
+                    try:
+                        t = self._read(f, shard, name, out) if part is None else \
+                            self._read_part(f, shard, name, out, part)
+                    except SafetensorError as e:
+                        raise CheckpointError(f"cannot read tensor {name} from {self.directory / shard}: {e}") from e
+                    yield shard, name, t
+
+    @contextmanager
+    def _open(self, shard: str) -> Iterator[Any]:
+        try:
+            f = safe_open(self.directory / shard, framework="pt")
+        except (SafetensorError, OSError) as e:  # e.g. the file changed after its header was checked
+            raise CheckpointError(f"unreadable safetensors file {self.directory / shard}: {e}") from e
+        with f:
+            yield f
 
     def _read(self, f: Any, shard: str, name: str, out: torch.Tensor) -> torch.Tensor:
         t = f.get_tensor(name)  # a view of the file's mmap: copied into `out`, so the model owns its memory
         if t.dtype != FP8_DTYPE:
             return out.copy_(t)
+        return dequantize_block_fp8(t, self._scale(f, shard, name), self.block, out=out)
+
+    def _read_part(self, f: Any, shard: str, name: str, out: torch.Tensor, part: Slice) -> torch.Tensor:
+        dim, start, stop = part
+        if not self.is_fp8(name):
+            return out.copy_(f.get_slice(name)[_index(dim, start, stop)])
+        b = self.block[dim]
+        first, last = start // b, -(-stop // b)  # the scale blocks that hold rows (or columns) start..stop
+        t = f.get_slice(name)[_index(dim, first * b, min(last * b, self.shape(name)[dim]))]
+        scale = self._scale(f, shard, name)[_index(dim, first, last)]
+        w = dequantize_block_fp8(t, scale, self.block, dtype=torch.float32)
+        return out.copy_(w.narrow(dim, start - first * b, stop - start))
+
+    def _scale(self, f: Any, shard: str, name: str) -> torch.Tensor:
         scale_name = name + SCALE_SUFFIX
         if self.weight_map[scale_name] == shard:
             scale = f.get_tensor(scale_name)
         else:  # the scale lives in another shard: read just that tensor
-            with safe_open(self.directory / self.weight_map[scale_name], framework="pt") as g:
+            with self._open(self.weight_map[scale_name]) as g:
                 scale = g.get_tensor(scale_name)
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"{scale_name} has inf/nan entries")
-        return dequantize_block_fp8(t, scale, self.block, out=out)
+        return scale
 
     # ---- checks -----------------------------------------------------------------------------------
     def _is_scale_of_fp8(self, name: str) -> bool:
@@ -225,7 +309,13 @@ def _block_size(config_file: Path) -> tuple[int, int]:
     return block[0], block[1]
 
 
-def _some(names: list[str], n: int = 20) -> str:
+def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:
+    """The indexing tuple that takes [start, stop) along `dim`."""
+    return (slice(None),) * dim + (slice(start, stop),)
+
+
+def name_list(names: list[str], n: int = 20) -> str:
+    """The first `n` names, and how many more there are (for error messages)."""
     return str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
@@ -234,60 +324,3 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def load_into(
-    model: nn.Module,
-    directory: str | os.PathLike[str],
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    strict: bool = True,
-) -> None:
-    """Materialize every parameter and persistent buffer of `model` (meta-device is fine) from a checkpoint.
-
-    Block-FP8 weights are dequantized; `dtype=None` keeps each tensor's stored dtype (fp8 -> bf16). Every name and
-    shape is checked against the safetensors headers before any data is read. Tensors the model does not have are
-    an error, or a warning with `strict=False`; tensors the checkpoint lacks are always an error.
-    """
-    reader = CheckpointReader(directory)
-    targets = model.state_dict(keep_vars=True)
-    # tied tensors (lm_head.weight = embed_tokens.weight) are one object under several names: read it once, under
-    # the first of its names the checkpoint has
-    source: dict[int, str] = {}
-    for name, t in targets.items():
-        if name in reader:
-            source.setdefault(id(t), name)
-    missing = [n for n, t in targets.items() if id(t) not in source]
-    unexpected = [n for n in reader if n not in targets]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {reader.directory} lacks {len(missing)} tensors of the model: {_some(missing)}"
-        )
-    if unexpected:
-        msg = f"checkpoint {reader.directory} has {len(unexpected)} tensors the model does not: {_some(unexpected)}"
-        if strict:
-            raise CheckpointError(msg)
-        warnings.warn(msg, stacklevel=2)
-    for name, t in targets.items():
-        if name in reader and tuple(t.shape) != reader.shape(name):
-            raise CheckpointError(
-                f"shape mismatch for {name}: checkpoint {reader.shape(name)}, model {tuple(t.shape)}"
-            )
-    # a tensor already materialized with the right dtype and device is filled in place (the Parameter objects that
-    # optimizers and hooks hold stay valid); anything else (meta, other dtype/device) gets a new tensor
-    dev = torch.empty(0, device=device).device  # "cuda" -> cuda:0, as tensors report it
-    outs, new = {}, {}
-    for name in source.values():
-        t = targets[name]
-        want = loaded_dtype(name, reader.stored_dtype(name), dtype)
-        if not t.is_meta and t.dtype == want and t.device == dev:
-            outs[name] = t.detach()
-        else:
-            out = outs[name] = torch.empty(reader.shape(name), dtype=want, device=dev)
-            new[id(t)] = nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
-    reader.read_into(outs)
-    for module in model.modules():
-        for slots in (module._parameters, module._buffers):
-            for attr, old in list(slots.items()):
-                if old is not None and id(old) in new:
-                    slots[attr] = new[id(old)]

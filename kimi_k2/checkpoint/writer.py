@@ -141,6 +141,24 @@ class ShardWriter:
             self.abort()
 
 
+def remove_interrupted_writes(directory: str | os.PathLike[str]) -> list[Path]:
+    """Clean up after a save into `directory` that was killed (a SIGKILL skips `ShardWriter`'s own cleanup) -> the
+    folders removed: its `.NAME.tmp-*` temp folders, and `.NAME.old-*` (the previous checkpoint, moved aside while
+    the new one is renamed in), which is put back instead when the kill came before the new one was in place."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return []
+    removed = []
+    for kind in ("old", "tmp"):
+        for stale in sorted(directory.parent.glob(f".{directory.name}.{kind}-*")):
+            if kind == "old" and not directory.exists():
+                os.replace(stale, directory)
+                continue
+            shutil.rmtree(stale)
+            removed.append(stale)
+    return removed
+
+
 def prepare(name: str, t: torch.Tensor, fp8: bool, block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
     """The stored tensors for one logical tensor: itself, or its block-FP8 form plus `<name>_scale_inv`."""
     if t.dtype == FP8_DTYPE:

@@ -7,16 +7,13 @@ fp8 bytes are dequantized its pages are dropped from this process (madvise MADV_
 page cache, clean and reclaimable), so touched experts do not pile up in RSS. An optional LRU keeps the dequantized
 weights of the most recently used experts.
 
-safetensors layout: u64 little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [b, e]}},
-then the data; a tensor's bytes are [8 + n + b, 8 + n + e).
+Tensor bytes are located through the safetensors header (`kimi_k2.checkpoint.reader.read_header`).
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -25,16 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_k2.checkpoint import CheckpointError, CheckpointReader, dequantize_block_fp8
+from kimi_k2.checkpoint import CheckpointError, CheckpointReader, dequantize_block_fp8, load_into
 from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX
+from kimi_k2.checkpoint.reader import read_header
 from kimi_k2.config import K2Config
-from kimi_k2.deploy.loading import load_present
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.moe import MoE
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 FAULT_MARGIN = 2 * 2**20  # x86-64 / arm64-4K PMD size: the largest page-cache folio and fault-around window
-DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32)
 
 
 class MappedShard:
@@ -42,33 +39,19 @@ class MappedShard:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.entries = read_header(self.path)  # checked: every tensor's bytes lie inside the file
         try:
             with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                size = os.fstat(f.fileno()).st_size
-                if n > size - 8:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(f.read(n))
                 self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self.entries = {
-                k: (v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                for k, v in header.items() if k != "__metadata__"
-            }
-        except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"unreadable safetensors file {self.path}: {e!r}") from e
-        for name, (_, _, begin, end) in self.entries.items():
-            if not 0 <= begin <= end <= size:
-                raise CheckpointError(f"tensor {name} lies outside {self.path} (bytes {begin}..{end} of {size})")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot map safetensors file {self.path}: {e!r}") from e
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.entries:
             raise CheckpointError(f"tensor {name} is not in {self.path}")
-        stored, shape, begin, end = self.entries[name]
-        if stored not in DTYPES:
-            raise CheckpointError(f"tensor {name} in {self.path} has dtype {stored}; offload reads {sorted(DTYPES)}")
-        dtype = DTYPES[stored]
-        if end - begin != dtype.itemsize * torch.Size(shape).numel():
-            raise CheckpointError(f"tensor {name} in {self.path}: {end - begin} bytes for {stored} {list(shape)}")
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"tensor {name} in {self.path} has dtype {dtype}; offload reads {DTYPES}")
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():  # the mapping is read-only and these views are never written
@@ -181,5 +164,5 @@ def load_offloaded(
     with torch.device("meta"):
         model = K2ForCausalLM(config)
     offload_experts(model, ExpertStore(reader, dtype, cache_experts, release_pages))
-    load_present(model, reader, dtype, device)
+    load_into(model, reader, dtype, device, strict=False)
     return model.eval()

@@ -16,11 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from kimi_k2.deploy.expert_parallel import load_expert_parallel
-from kimi_k2.deploy.runner import DistributedRunner
 from kimi_k2.engine import EngineConfig, LLMEngine
+from kimi_k2.parallel import DistributedRunner, init_distributed, load_expert_parallel, shutdown
 from kimi_k2.tokenizer import Tokenizer
 
 # workers wait in a broadcast for the next step while the server is idle; gloo's default 30 min timeout would end them
@@ -52,10 +50,10 @@ def run_expert_parallel(model_dir: str | os.PathLike[str], config: EngineConfig,
     """On every torchrun rank: rank 0 returns `serve(engine)` (with model_dir's tokenizer, when it has one), its
     engine's forwards run on all ranks; the other ranks return 0 once rank 0's `serve` has returned (or raised).
     tp_attention: also split MLA by heads over the ranks (`load_expert_parallel`)."""
-    dist.init_process_group("gloo", timeout=IDLE_TIMEOUT)
+    info = init_distributed(device="cpu", timeout=IDLE_TIMEOUT)
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        model, _ = load_expert_parallel(model_dir, rank, world, dtype, tp_attention=tp_attention)
+        rank = info.rank
+        model, _ = load_expert_parallel(model_dir, rank, info.world_size, dtype, tp_attention=tp_attention)
         has_tokenizer = rank == 0 and (Path(model_dir) / "tiktoken.model").is_file()
         engine = LLMEngine(model, Tokenizer.from_pretrained(model_dir) if has_tokenizer else None, config)
         runner = DistributedRunner(engine.runner.forward)
@@ -74,4 +72,4 @@ def run_expert_parallel(model_dir: str | os.PathLike[str], config: EngineConfig,
         finally:
             runner.shutdown()
     finally:
-        dist.destroy_process_group()
+        shutdown()

@@ -120,13 +120,19 @@ class MoE(nn.Module):
         return torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).squeeze(1)  # sum_k w_k e_k(x)
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+        return balance_loss(scores, indices, self.n_experts, self.top_k, self.aux_loss_alpha)
 
-        f_i = E / (k T) * #tokens of the sequence routed to i;  P_i = mean_t s'_{t,i},  s' = s / sum_j s_j.
-        """
-        B, T, _ = scores.shape
-        load = torch.zeros(B, self.n_experts, device=scores.device).scatter_add_(
-            1, indices.reshape(B, -1), torch.ones(B, T * self.top_k, device=scores.device))
-        f = load * (self.n_experts / (self.top_k * T))
-        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
-        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int, alpha: float
+                 ) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+    scores [B, T, E] (router scores s), indices [B, T, k] (chosen experts);
+    f_i = E / (k T) * #tokens of the sequence routed to i;  P_i = mean_t s'_{t,i},  s' = s / sum_j s_j.
+    """
+    B, T, _ = scores.shape
+    load = torch.zeros(B, n_experts, device=scores.device).scatter_add_(
+        1, indices.reshape(B, -1), torch.ones(B, T * top_k, device=scores.device))
+    f = load * (n_experts / (top_k * T))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()

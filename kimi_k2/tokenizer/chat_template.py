@@ -58,7 +58,8 @@ def _finalize(ctx: jinja2.runtime.Context, value: Any) -> str:
 
 
 @lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
+def compile_template(template: str) -> jinja2.Template:
+    """The template compiled in the sandbox chat templates render in (cached); ValueError if it does not compile."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols],
                                         finalize=_finalize)
     env.filters["tojson"] = _tojson
@@ -152,8 +153,9 @@ def render_pieces(template: str, messages: list[dict[str, Any]], tools: list[dic
     """Render `template`; return [(text, from_data)] whose texts join to the rendered prompt."""
     values: list[str] = [secrets.token_hex(8)]
     try:
-        text = _compile(template).render(messages=messages, tools=deep_sort(tools) if tools else tools,
-                                         add_generation_prompt=add_generation_prompt, **kwargs, **{_VALUES: values})
+        text = compile_template(template).render(messages=messages, tools=deep_sort(tools) if tools else tools,
+                                                 add_generation_prompt=add_generation_prompt, **kwargs,
+                                                 **{_VALUES: values})
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template failed to render: {e}") from e
     pieces: list[tuple[str, bool]] = []

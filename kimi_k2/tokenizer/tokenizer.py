@@ -25,7 +25,13 @@ from typing import Any
 
 import tiktoken
 
-from kimi_k2.tokenizer.chat_template import Marker, builtin_template, normalize_messages, render_pieces
+from kimi_k2.tokenizer.chat_template import (
+    Marker,
+    builtin_template,
+    compile_template,
+    normalize_messages,
+    render_pieces,
+)
 from kimi_k2.tokenizer.specials import NUM_RESERVED_SPECIAL_TOKENS, PAT_STR, added_tokens_decoder, reserved_name
 
 # tokenization_kimi.py: texts are cut into 400k-char chunks, and those into runs of at most 25k consecutive
@@ -85,6 +91,7 @@ class Tokenizer:
         self._special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special_tokens, key=len,
                                                                                 reverse=True)))
         self.chat_template = chat_template if chat_template is not None else builtin_template()
+        compile_template(self.chat_template)  # a broken template fails here, at load, not in a client's request
         self.special_in_content = special_in_content
         self.bos_id = self.token_to_id("[BOS]")
         self.eos_id = self.token_to_id("[EOS]")
@@ -116,11 +123,16 @@ class Tokenizer:
                 raise ValueError(f"added token {entry.get('content')!r} has id {i}, outside the special range "
                                  f"{n}..{n + NUM_RESERVED_SPECIAL_TOKENS - 1} of this {n}-token vocabulary")
             names[k] = (entry.get("content") or reserved_name(int(i)), bool(entry.get("special", True)))
-        template = None
+        template, source = None, None
         if (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            template, source = (d / "chat_template.jinja").read_text(encoding="utf-8"), d / "chat_template.jinja"
         elif isinstance(config.get("chat_template"), str):
-            template = config["chat_template"]
+            template, source = config["chat_template"], d / "tokenizer_config.json"
+        if template is not None:
+            try:
+                compile_template(template)
+            except ValueError as e:  # name the file: the message alone would not say which one is broken
+                raise ValueError(f"{source}: {e}") from e
         return cls(ranks, names, template, **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:

@@ -9,6 +9,7 @@ mid-save never leaves a folder named step_* that is incomplete.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -24,8 +25,13 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG stream, as tensors and plain Python values only (what `torch.load(weights_only=True)` reads)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -35,7 +41,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -63,6 +71,22 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def remove_interrupted(root: str | Path) -> None:
+    """Clean up after a save that was killed: its `.tmp_step_*` folders, and `.old_step_*` (a checkpoint moved aside
+    while a re-save of the same step was renamed in), put back if the kill came before the new one was in place."""
+    ckpts = Path(root) / "checkpoints"
+    if not ckpts.is_dir():
+        return
+    for stale in sorted(ckpts.glob(".old_step_*")):
+        final = ckpts / stale.name.removeprefix(".old_")
+        if final.exists():
+            shutil.rmtree(stale)
+        else:
+            os.rename(stale, final)
+    for stale in ckpts.glob(".tmp_step_*"):
+        shutil.rmtree(stale)
 
 
 def write_files(folder: Path, files: dict[str, Any]) -> None:
@@ -130,7 +154,12 @@ def load_checkpoint(
     model.load_state_dict(torch.load(path / model_file, map_location="cpu", weights_only=True))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / optim_file, map_location="cpu", weights_only=True))
-    # python's random state is a tuple of ints and numpy's holds an ndarray: not weights_only material
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # never unpickle arbitrary objects: that can run code
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path / 'state.pt'} holds objects other than tensors and plain values "
+                         f"({found[1] if found else e}); it was not written by this version of kimi-k2, and is not "
+                         f"unpickled") from e
     set_rng_state(state["rng"])
     return state

@@ -6,6 +6,9 @@ One optimizer step t:
   aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_e += gamma * sign(mean(load) - load_e), load summed over the
   step's micro-batches and ranks
 Logs go to OUT/log.jsonl (and TensorBoard when asked); checkpoints to OUT/checkpoints; the final model to OUT/final.
+Under torchrun the ranks train data parallel (`kimi_k2.parallel`), optionally with the routed experts split over them
+(`train.expert_parallel`). Checkpoints are written by rank 0 (by every rank under expert parallelism) into
+train.out_dir, so across machines out_dir must be on a filesystem every node sees for a run to resume.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kimi_k2.checkpoint import save_state_dict
+from kimi_k2.checkpoint.writer import is_weight_file, remove_interrupted_writes
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.parallel import (
+    DistInfo,
+    all_reduce_,
+    barrier,
+    gather_full_state_dict,
+    init_distributed,
+    shard_experts,
+    shutdown,
+    wrap_data_parallel,
+)
 from kimi_k2.train import checkpointing
 from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_paths, load_pretrain, load_sft
-from kimi_k2.train.distributed import DistInfo, all_reduce_, barrier, init_distributed, shutdown, wrap_data_parallel
-from kimi_k2.train.expert_parallel import gather_full_state_dict, shard_experts
 from kimi_k2.train.optim import build_optimizer
 from kimi_k2.train.param_groups import freeze
 from kimi_k2.train.recipe import Recipe
@@ -79,7 +90,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(t.seed)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = self.dist.device
         self.out = Path(t.out_dir)
         self.config = recipe.model.build_config()
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
@@ -224,17 +235,20 @@ class Trainer:
 
     # ---- run ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
+        """Continue from the latest checkpoint, or from step 0 when there is none."""
         ckpt = checkpointing.latest_checkpoint(self.out)
-        if ckpt is None:
-            return
-        state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer, self.dist.rank if self.ep else None)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if ckpt is not None:
+            state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer,
+                                                  self.dist.rank if self.ep else None)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.dist.is_main:
             self._truncate_log(self.step)
-            print(f"resumed from {ckpt} at step {self.step}")
+            if ckpt is not None:
+                print(f"resumed from {ckpt} at step {self.step}")
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines past the checkpoint: a killed run may have logged steps that are redone now."""
+        """Drop log lines past `step`: a killed run may have logged steps that are redone now (all of them, when it
+        died before its first checkpoint)."""
         log = self.out / "log.jsonl"
         if log.exists():
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -276,13 +290,11 @@ class Trainer:
 
     def export(self) -> Path:
         final = self.out / "final"
-        full = gather_full_state_dict(self.model, self.dist.world_size) if self.ep else self.model.state_dict()
-        if self.dist.is_main:
-            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8)
-            if self.recipe.data.tokenizer:
-                for f in Path(self.recipe.data.tokenizer).iterdir():
-                    if f.is_file() and not (final / f.name).exists():
-                        shutil.copy2(f, final / f.name)
+        full = gather_full_state_dict(self.model) if self.ep else self.model.state_dict()
+        if self.dist.is_main:  # the tokenizer files go into the same atomic write as the weights
+            tokenizer = [f for f in Path(self.recipe.data.tokenizer).iterdir() if f.is_file()
+                         and not is_weight_file(f.name)] if self.recipe.data.tokenizer else []
+            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8, extra_files=tokenizer)
         barrier(self.dist)
         return final
 
@@ -290,6 +302,8 @@ class Trainer:
         t, total = self.recipe.train, self.recipe.schedule.total_steps
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_interrupted(self.out)  # what a run killed mid-save or mid-export left
+            remove_interrupted_writes(self.out / "final")
             (self.out / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2) + "\n")
             if t.tensorboard:
                 try:
@@ -348,4 +362,4 @@ def train(recipe: Recipe) -> dict[str, Any]:
     try:
         return Trainer(recipe, info).fit()
     finally:
-        shutdown(info)
+        shutdown()

@@ -1,10 +1,11 @@
 """Lockstep execution for model-parallel inference: rank 0 drives, every other rank mirrors each step.
 
-With expert parallelism every forward is a collective, so all ranks must run the same step with the same inputs.
-The driver calls `DistributedRunner.step(payload)`: the payload (any picklable step description: token ids,
+With expert (or tensor) parallelism every forward is a collective, so all ranks must run the same step with the same
+inputs. The driver calls `DistributedRunner.step(payload)`: the payload (any picklable step description: token ids,
 positions, block tables) is broadcast, then every rank runs `step_fn(payload)`. Workers sit in `serve()` until the
-driver calls `shutdown()`. `CachedStepper` is a step_fn over a contiguous latent cache (greedy generation);
-the serving engine's is `ModelRunner.forward` over its paged latent pool (`serve_ep.py`).
+driver calls `shutdown()`. `CachedStepper` is a step_fn over a contiguous latent cache (greedy generation, also
+usable in one process); the serving engine's is `ModelRunner.forward` over its paged latent pool
+(`kimi_k2.deploy.serve_ep`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The latent projections (q_a_proj, kv_a_proj_with_mqa and their norms) are replic
 by all heads, so every rank keeps the whole latent cache (as vLLM's MLA backend does). The head-major matrices are
 split: rows of q_b_proj (or q_proj) and kv_b_proj, columns of o_proj. Each rank's o_proj gives a partial sum
     o = sum_r W_O[:, heads_r] attn_r,
-which an all-reduce completes. A rank reads each split matrix whole (block-FP8 blocks of 128 rows do not follow
-head boundaries) and keeps its slice; attention is ~0.6% of K2's bytes.
+which an all-reduce completes. A rank reads only its rows/columns of each split matrix (for block-FP8, the whole
+128-row/column blocks that hold them: `kimi_k2.checkpoint.load_into` with `parts`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kimi_k2.checkpoint import Slice
 from kimi_k2.config import K2Config
 from kimi_k2.model.attention import MLA
 from kimi_k2.model.cache import LatentCache
 
-Slices = dict[str, tuple[int, int, int]]  # tensor name -> (dim, start, stop) of this rank's part
+Slices = dict[str, Slice]  # tensor name -> this rank's part
 
 
 class TPMLA(MLA):
@@ -47,9 +48,9 @@ class TPMLA(MLA):
         q = "q_proj" if self.q_lora_rank is None else "q_b_proj"
         per_q, per_kv = self.qk_head_dim, self.qk_nope_head_dim + self.v_head_dim
         return {
-            f"{prefix}{q}.weight": (0, self.rank * h * per_q, (self.rank + 1) * h * per_q),
-            f"{prefix}kv_b_proj.weight": (0, self.rank * h * per_kv, (self.rank + 1) * h * per_kv),
-            f"{prefix}o_proj.weight": (1, self.rank * h * self.v_head_dim, (self.rank + 1) * h * self.v_head_dim),
+            f"{prefix}{q}.weight": Slice(0, self.rank * h * per_q, (self.rank + 1) * h * per_q),
+            f"{prefix}kv_b_proj.weight": Slice(0, self.rank * h * per_kv, (self.rank + 1) * h * per_kv),
+            f"{prefix}o_proj.weight": Slice(1, self.rank * h * self.v_head_dim, (self.rank + 1) * h * self.v_head_dim),
         }
 
 

@@ -1,12 +1,14 @@
-"""Expert parallelism: rank r of W keeps routed experts [r E/W, (r+1) E/W) of a MoE block (E % W == 0).
+"""Expert parallelism: rank r of W keeps routed experts [r E/W, (r+1) E/W) of every MoE block (E % W == 0); the
+router and the shared expert stay replicated. Used by training (data parallel + EP) and inference (`serve --ep`).
 
-Per forward (DeepSeek-V3 / GShard dispatch and combine), the router and shared expert being replicated:
+Per forward (DeepSeek-V3 / GShard dispatch and combine):
     route the local tokens, sort the (token, slot) pairs by expert -- hence by owning rank, since ranges are contiguous
     all_to_all the per-expert counts, then the hidden states (autograd-aware: backward is the reverse all_to_all)
     run each local expert once over all rows it received, all_to_all the outputs back
     y_t = sum_k w_tk expert_k(x_t) (fp32, as `MoE`) + shared(x_t)
 Two ways to feed it:
-- training (data parallel): every rank has its own tokens and dispatches all of them;
+- training (data parallel): every rank has its own tokens and dispatches all of them; each local expert's gradient
+  arrives summed over every rank's loss (the trainer divides it by W to match DDP's average);
 - inference (`same_input=True`): every rank holds the same tokens (replicated or head-parallel attention), so each
   dispatches only its 1/W slice and the slices are all-gathered afterwards.
 Expert modules keep their global names (`experts.{e}`), so a rank's state dict is a slice of the full checkpoint's.
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from .moe import MoE
+from kimi_k2.model.moe import MoE, balance_loss
 
 
 def expert_range(n_experts: int, rank: int, world: int) -> range:
@@ -45,16 +47,14 @@ class ExpertParallelMoE(nn.Module):
         self.last_expert_load: torch.Tensor | None = None  # [E]: this rank's tokens per expert, last forward
         self.aux_loss: torch.Tensor | None = None
 
-    _balance_loss = MoE._balance_loss
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; every rank of the group must call it the same number of times."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         if not self.same_input:
             y, indices, scores = self._dispatch_combine(flat)
-            self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
-                if self.training and self.aux_loss_alpha > 0 else None
+            self.aux_loss = balance_loss(scores.view(B, S, -1), indices.view(B, S, -1), self.n_experts, self.top_k,
+                                         self.aux_loss_alpha) if self.training and self.aux_loss_alpha > 0 else None
         else:
             N = flat.shape[0]
             chunk = -(-N // self.world)
@@ -99,12 +99,31 @@ class ExpertParallelMoE(nn.Module):
 
 
 def shard_experts(model: nn.Module, rank: int, world: int, group: dist.ProcessGroup | None = None,
-                  same_input: bool = False) -> nn.Module:
-    """Replace every `MoE` of a K2ForCausalLM (best built on the meta device) by rank's `ExpertParallelMoE`."""
+                  same_input: bool = False) -> list[str]:
+    """Replace every `MoE` of a K2ForCausalLM by rank's `ExpertParallelMoE` -> the names of its expert parameters.
+
+    Built on the meta device (inference: load after sharding, `load_expert_parallel`), nothing of the other ranks'
+    experts is ever allocated; a materialized model (training) drops them here.
+    """
     n_experts = model.config.n_routed_experts
     if n_experts is not None:
         expert_range(n_experts, rank, world)  # validates before anything changes
     for block in model.model.layers:
         if isinstance(block.mlp, MoE):
             block.mlp = ExpertParallelMoE(block.mlp, rank, world, group, same_input)
-    return model
+    return [name for name, _ in model.named_parameters() if ".mlp.experts." in name]
+
+
+def gather_full_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None
+                           ) -> dict[str, torch.Tensor] | None:
+    """On the group's first rank, the full state dict (every rank's experts merged in); None on the other ranks."""
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items() if ".mlp.experts." in k}
+    first = dist.get_rank(group) == 0
+    parts: list[dict[str, torch.Tensor]] | None = [{} for _ in range(dist.get_world_size(group))] if first else None
+    dist.gather_object(local, parts, group=group, group_dst=0)
+    if parts is None:
+        return None
+    full = dict(model.state_dict())
+    for p in parts:
+        full.update(p)
+    return full

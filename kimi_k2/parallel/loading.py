@@ -1,0 +1,38 @@
+"""A rank's part of a checkpoint: its routed experts (and, with head-parallel attention, its heads), nothing else.
+
+The model is built on the meta device, sharded (`shard_experts`, `shard_attention`), then materialized by the one
+checkpoint loader, `kimi_k2.checkpoint.load_into`, which reads only the tensors and slices the rank holds (through the
+index and the safetensors headers, memory-mapped), so no rank ever reads another's experts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from kimi_k2.checkpoint import CheckpointReader, load_into
+from kimi_k2.config import K2Config
+from kimi_k2.model import K2ForCausalLM
+from kimi_k2.parallel.expert import shard_experts
+from kimi_k2.parallel.tensor import shard_attention
+
+
+def load_expert_parallel(
+    directory: str | os.PathLike[str], rank: int, world: int, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", group: dist.ProcessGroup | None = None, tp_attention: bool = False,
+) -> tuple[K2ForCausalLM, list[str]]:
+    """Rank `rank`'s part of the checkpoint in `directory`, for inference -> (model, names of the tensors it read).
+
+    Every rank must run the same forwards on the same tokens (`DistributedRunner`): each dispatches 1/W of them.
+    tp_attention: also split MLA by heads over the same ranks (`TPMLA`) instead of replicating it.
+    """
+    reader = CheckpointReader(directory)
+    config = K2Config.from_pretrained(directory)
+    with torch.device("meta"):
+        model = K2ForCausalLM(config)
+        shard_experts(model, rank, world, group, same_input=True)
+        slices = shard_attention(model, rank, world, group) if tp_attention else {}
+    names = load_into(model, reader, dtype, device, strict=False, parts=slices)
+    return model.eval(), names
