@@ -1,6 +1,6 @@
 """experiments/k2_nano/tool_choice.py: the teacher-forced first-pick read of the selection skill, on the shipped model.
 
-Opt-in: `pytest --run-experiments`."""
+Opt-in: `pytest --run-experiments` (and `--run-slow` for the picks on 20 conversations)."""
 
 import json
 import re
@@ -38,6 +38,7 @@ def test_the_section_opening_is_the_models_next_token_probability(nano):
         assert whole < opening < 0  # the name's tokens cost more
 
 
+@pytest.mark.slow  # 20 conversations, each tool scored by a forward pass: minutes on a loaded 2-core box
 def test_picks_on_train_tool_conversations(nano, tmp_path):
     """The shipped model picks the right train tool (a skill it was trained on) nearly always."""
     model, tok = nano
