@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     ap.add_argument("--n", type=int, required=True, help="number of train conversations")
-    ap.add_argument("--heldout-n", type=int, default=None, help="number of held-out conversations (default n/10)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout-n", type=int, default=None, metavar="M",
+                    help="number of held-out conversations (default n/10)")
+    ap.add_argument("--seed", type=int, default=0, help="episode i depends only on (seed, i)")
     for name, text in FRACTIONS.items():
         ap.add_argument(f"--{name}", type=float, default=0.0, metavar="F", help=text)
     ap.add_argument("--vocab", type=Path, default=None, metavar="DIR",

@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("synth", help="synthetic chat/tool-use conversations: DIR/train.jsonl and DIR/heldout.jsonl")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--n", type=int, required=True, help="number of train conversations")
-    p.add_argument("--heldout-n", type=int, default=None, help="number of held-out conversations (default n/10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-n", type=int, default=None, metavar="M",
+                   help="number of held-out conversations (default n/10)")
+    p.add_argument("--seed", type=int, default=0, help="episode i depends only on (seed, i)")
     p.add_argument("--invented", type=float, default=0.0, metavar="F",
                    help="fraction of train conversations over tools invented per conversation (open vocabulary); "
                         "the rest use the executable train tools")
