@@ -2,6 +2,8 @@
 # Build K2-Nano from nothing, offline, with this project's own pipeline:
 #   prepare: corpus -> BPE tokenizer -> pretraining text (corpus + rendered chats)
 #   train:   synthetic SFT conversations -> Base (pretrain) -> Instruct (SFT, five passes) -> block-FP8 directories
+# The chats mix generators of the nano study as the shipped passes did (experiments/k2_nano/synth.py: the same
+# commands regenerate the same bytes; tests/test_nano_build.py pins them).
 # Usage (from the repo root):
 #   scripts/build_nano.sh [all|prepare|train]            all (default) = prepare, then train
 # On a CPU (default) the runs are shortened: BASE_STEPS=200, MB_BASE=8, SFT_STEPS=600, MB_SFT=4 (set any of them to
@@ -19,6 +21,7 @@ KIMI=${KIMI:-.venv/bin/kimi-k2}
 PY=${PY:-.venv/bin/python}
 W=runs/nano
 PHASE=${1:-all}
+NANO_SYNTH=("$PY" -m experiments.k2_nano.synth)  # `kimi-k2 data synth` plus the nano study's generator mixes
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "$PHASE" = all ] || [ "$PHASE" = prepare ]; then
@@ -30,23 +33,25 @@ if [ "$PHASE" = all ] || [ "$PHASE" = prepare ]; then
     --out "$W/text-tok"
   "$KIMI" tokenizer train --corpus "$W/text-tok/tokenizer" --vocab-size 6144 --out "$W/tokenizer"
   # pretraining text: the corpus and 4000 chats, half of them over invented tools
-  "$KIMI" data synth --out "$W/chats" --n 4000 --seed 100 --generic 0.5
+  "${NANO_SYNTH[@]}" --out "$W/chats" --n 4000 --seed 100 --generic 0.5
   "$PY" scripts/nano_text.py --corpus "$W/corpus.jsonl" --chats "$W/chats/train.jsonl" --n-chats 4000 --out "$W/text"
 fi
 
 if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
   synth() {  # out_dir n seed0 generic: 8 shards, seeds seed0..seed0+7, concatenated into out_dir/train.jsonl
+    local pids=() k pid
     for k in 0 1 2 3 4 5 6 7; do
-      "$KIMI" data synth --out "$1-$k" --n "$2" --seed $(( $3 + k )) --generic "$4" > /dev/null &
+      "${NANO_SYNTH[@]}" --out "$1-$k" --n "$2" --seed $(( $3 + k )) --generic "$4" > /dev/null &
+      pids+=($!)
     done
-    wait
+    for pid in "${pids[@]}"; do wait "$pid"; done  # a failed shard stops the build (set -e)
     mkdir -p "$1" && cat "$1"-?/train.jsonl > "$1/train.jsonl"
   }
   synth "$W/sft" 20000 0 0.5
-  "$KIMI" data synth --out "$W/sft2" --n 20000 --seed 20 --generic 0.4 --status 0.25
-  "$KIMI" data synth --out "$W/sft3" --n 20000 --seed 40 --broad 0.5 --generic 0.3 --status 0.25
-  "$KIMI" data synth --out "$W/sft4" --n 20000 --seed 50 --broad 0.6 --generic 0.25 --status 0.3 --vocab "$W/tokenizer"
-  "$KIMI" data synth --out "$W/sft6" --n 8000 --seed 70 --broad 0.5 --generic 0.15 --status 0.6 --vocab "$W/tokenizer"
+  "${NANO_SYNTH[@]}" --out "$W/sft2" --n 20000 --seed 20 --generic 0.4 --status 0.25
+  "${NANO_SYNTH[@]}" --out "$W/sft3" --n 20000 --seed 40 --broad 0.5 --generic 0.3 --status 0.25
+  "${NANO_SYNTH[@]}" --out "$W/sft4" --n 20000 --seed 50 --broad 0.6 --generic 0.25 --status 0.3 --vocab "$W/tokenizer"
+  "${NANO_SYNTH[@]}" --out "$W/sft6" --n 8000 --seed 70 --broad 0.5 --generic 0.15 --status 0.6 --vocab "$W/tokenizer"
   if [ "${GPU:-0}" = 1 ]; then
     base=(--set train.dtype='"bfloat16"' --set train.threads=4)
     sft=("${base[@]}" --set data.workers=14)

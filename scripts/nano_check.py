@@ -13,8 +13,8 @@ import json
 import sys
 
 from kimi_k2 import toolcalls
-from kimi_k2.data.tools import TOOLS
 from kimi_k2.engine import LLMEngine, SamplingParams
+from kimi_k2.eval.tools import TOOLS
 
 SYSTEM = {"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."}
 PROMPTS = {

@@ -1,27 +1,6 @@
 import pytest
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if any("gpu" in item.keywords for item in items):
-        import torch
-
-        if not torch.cuda.is_available():
-            skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False)")
-            for item in items:
-                if "gpu" in item.keywords:
-                    item.add_marker(skip_gpu)
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def k2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     """A Kimi-format tokenizer directory (1024 base tokens + 256 specials, built-in chat_template.jinja) trained

@@ -59,3 +59,15 @@ def test_cli_corpus(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["source"] for r in rows} <= {"pydoc", "licenses"} and len(rows) >= 70
     assert rows == list(corpus.documents(["pydoc", "licenses"]))  # deterministic
+
+
+def test_cli_corpus_bad_source_loses_nothing(tmp_path, capsys):
+    from kimi_k2.cli import main
+
+    out = tmp_path / "c.jsonl"
+    out.write_text("an earlier corpus\n")
+    assert main(["data", "corpus", "--out", str(out), "--sources", "pydoc,wiki"]) == 1
+    assert "kimi-k2 data: error: unknown corpus sources ['wiki']" in capsys.readouterr().err
+    assert main(["data", "corpus", "--out", str(out), "--sources", ","]) == 1
+    assert "kimi-k2 data: error: no corpus sources given" in capsys.readouterr().err
+    assert out.read_text() == "an earlier corpus\n"

@@ -19,7 +19,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from kimi_k2.cli import main
-from kimi_k2.eval.runner import METRICS, load_tasks
+from kimi_k2.eval.benchmarks import load_tasks
+from kimi_k2.eval.runner import METRICS
 
 PER_KIND = 2
 K = 2
@@ -167,9 +168,12 @@ def test_broken_json_arguments(server, bench, tmp_path):
     assert summaries["chat"]["all"]["avg@k"] == 1.0
 
 
-def test_api_errors_are_recorded(server, bench, tmp_path):
+def test_api_errors_are_recorded(server, bench, tmp_path, capsys):
     rc, summaries, records = run_eval(server, bench, tmp_path, "no-such-model")
-    assert rc == 1  # every episode failed
+    assert rc == 1  # every episode failed: the CLI's runtime-error exit, with the first error named
+    n = K * sum(len(ts) for ts in bench[1].values())
+    assert f"kimi-k2 eval: error: every one of the {n} episodes ended in an API error, the first: BadRequestError" \
+        in capsys.readouterr().err
     assert all(r["error"] and "400" in r["error"] and not r["success"] for rs in records.values() for r in rs)
     assert summaries["chat"]["all"]["errors"] == K * len(bench[1]["chat"])
 
@@ -185,4 +189,10 @@ def test_bad_benchmarks_are_named(tmp_path):
         load_tasks(str(tmp_path / "old.jsonl"))
     with pytest.raises(ValueError, match="limit"):
         load_tasks("chat", limit=0)
+    (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON task"):
+        load_tasks(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="task 1 is not a JSON object"):
+        load_tasks(str(tmp_path / "list.jsonl"))
     assert [t["id"] for t in load_tasks("chat", limit=3)[1]] == ["chat-0000", "chat-0001", "chat-0002"]

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from kimi_k2.data.tools import ToolEnv
 from kimi_k2.eval import scoring
-from kimi_k2.eval.runner import load_tasks, summarize
+from kimi_k2.eval.benchmarks import load_tasks
+from kimi_k2.eval.runner import summarize
+from kimi_k2.eval.tools import ToolEnv
 
 OFFERED = {"get_weather", "convert_units"}
 WEATHER = {"name": "get_weather", "arguments": {"city": "Oslo"}}

@@ -120,12 +120,12 @@ def test_text_pretraining_keeps_special_token_text_as_text(tmp_path, k2_tokenize
 
 
 def test_sft_tokenized_in_worker_processes_equals_one_process(tmp_path, k2_tokenizer_dir):
-    from kimi_k2.data.synthetic import episodes
+    from kimi_k2.data.synth import train_episodes
     from kimi_k2.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(k2_tokenizer_dir)
     path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps(e.conversation()) + "\n" for e in episodes(0, "train", 40)))
+    path.write_text("".join(json.dumps(e.conversation()) + "\n" for e in train_episodes(0, 40)))
     one, t1 = load_sft([path], 256, tok)
     two, t2 = load_sft([path], 256, tok, workers=2, tokenizer_dir=str(k2_tokenizer_dir))
     assert t1 == t2

@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 
 from kimi_k2.config import K2Config
-from kimi_k2.eval.runner import load_tasks
+from kimi_k2.eval.benchmarks import load_tasks
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.tokenizer import Tokenizer
 

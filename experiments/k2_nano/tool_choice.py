@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kimi_k2.eval.runner import load_tasks
+from kimi_k2.eval.benchmarks import load_tasks
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.tokenizer import Tokenizer
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import openai
 
+from kimi_k2.eval.benchmarks import load_tasks
 from kimi_k2.eval.episode import Sampling
-from kimi_k2.eval.runner import evaluate, load_tasks, summarize, table, write_results
+from kimi_k2.eval.runner import evaluate, summarize, table, write_results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,15 +36,17 @@ def run(args: argparse.Namespace) -> int:
     benchmarks = [load_tasks(t, args.limit) for t in args.tasks.split(",") if t]
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=2)
     sampling = Sampling(args.model, args.temperature, args.max_tokens, args.max_steps, args.seed)
-    summaries, errors, episodes = {}, 0, 0
+    summaries, failed, episodes = {}, [], 0
     for name, tasks in benchmarks:
         records = evaluate(client, tasks, sampling, args.k, args.concurrency)
         summaries[name] = summarize(records)
         write_results(args.out, name, records, summaries[name])
-        errors += summaries[name]["all"]["errors"]
+        failed += [r["error"] for r in records if r["error"] is not None]
         episodes += len(records)
     print(table(summaries))
     print(json.dumps({n: round(s["all"]["avg@k"], 4) for n, s in summaries.items()}))
-    if errors:
-        print(f"{errors} of {episodes} episodes ended in an API error; see {args.out}/*.results.jsonl")
-    return 1 if errors == episodes else 0
+    if len(failed) == episodes:
+        raise OSError(f"every one of the {episodes} episodes ended in an API error, the first: {failed[0]}")
+    if failed:
+        print(f"{len(failed)} of {episodes} episodes ended in an API error; see {args.out}/*.results.jsonl")
+    return 0

@@ -115,11 +115,16 @@ def man_pages(root: Path = Path("/usr/share/man"), sections: str = "1578") -> It
 READERS = {"pydoc": pydoc_topics, "docstrings": stdlib_docstrings, "licenses": common_licenses, "man": man_pages}
 
 
+def check_sources(sources: list[str]) -> None:
+    unknown = [s for s in sources if s not in READERS]
+    if unknown or not sources:
+        raise ValueError(f"unknown corpus sources {unknown}; choose from {SOURCES}" if unknown else
+                         f"no corpus sources given; choose from {SOURCES}")
+
+
 def documents(sources: list[str] = DEFAULT_SOURCES) -> Iterator[dict]:
     """All documents of `sources`, in order, exact duplicates (by text) dropped."""
-    unknown = [s for s in sources if s not in READERS]
-    if unknown:
-        raise ValueError(f"unknown corpus sources {unknown}; choose from {SOURCES}")
+    check_sources(sources)
     seen = set()
     for s in sources:
         for doc in READERS[s]():
@@ -131,6 +136,7 @@ def documents(sources: list[str] = DEFAULT_SOURCES) -> Iterator[dict]:
 
 def write(path: Path, sources: list[str] = DEFAULT_SOURCES) -> dict[str, tuple[int, int]]:
     """Write the corpus as JSONL ({source, title, license, text} per line); returns {source: (documents, chars)}."""
+    check_sources(sources)  # before the file is opened, so a bad source loses nothing
     stats: dict[str, tuple[int, int]] = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import openai
 
-from kimi_k2.data.tools import ToolEnv, ToolError
 from kimi_k2.eval.scoring import score_turn
+from kimi_k2.eval.tools import ToolEnv, ToolError
 
 
 @dataclass

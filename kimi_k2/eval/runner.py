@@ -18,28 +18,7 @@ import openai
 
 from kimi_k2.eval.episode import Sampling, run_episode
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 METRICS = ["avg@k", "pass^k", "tool_name", "args_valid", "args_correct", "answer_ok", "state_ok"]
-
-
-def load_tasks(name_or_path: str, limit: int | None = None) -> tuple[str, list[dict]]:
-    """A shipped benchmark by name (kimi_k2/eval/tasks/NAME.jsonl) or a JSONL file of tasks; returns (name, tasks)."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = TASKS_DIR / f"{name_or_path}.jsonl"
-    if not path.is_file():
-        shipped = sorted(p.stem for p in TASKS_DIR.glob("*.jsonl"))
-        raise ValueError(f"no benchmark {name_or_path!r}: not a file, and not one of {shipped}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    tasks = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not tasks:
-        raise ValueError(f"{path} holds no tasks")
-    for t in tasks:
-        missing = {"id", "kind", "system", "tools", "turns", "final_state"} - set(t)
-        if missing:
-            raise ValueError(f"{path}: task {t.get('id', '?')} lacks {sorted(missing)}")
-    return path.stem, tasks[:limit]
 
 
 def evaluate(client: openai.OpenAI, tasks: list[dict], sampling: Sampling, k: int, concurrency: int) -> list[dict]:

@@ -18,8 +18,8 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
-from kimi_k2.data import schema as js
-from kimi_k2.data.tools import TOOLS
+from kimi_k2.eval import schema as js
+from kimi_k2.eval.tools import TOOLS
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _REFUSAL = re.compile(r"\b(can't|cannot|can not|unable|not able|don't have|do not have|no tool|not possible)\b")

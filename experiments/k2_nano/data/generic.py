@@ -1,27 +1,28 @@
-"""Generic tool use: conversations over tools invented per episode, so that what a model learns is the skill itself.
+"""Generic tool use, the nano model's second generation of train data (`--generic F` of experiments/k2_nano/synth.py):
+conversations over tools invented per episode from 24 fixed topics ("rainfall", "hotel price", ...) crossed with a
+subject kind (a place, a person, an item, a code, a date, a from/to route), named and described by one of several
+patterns, with values from small invented pools and results from a hash of the call. Kinds: single, same tool twice
+in parallel, two tools in parallel, follow-up turn, no declared tool fits, two-round chain (find an id, then look up
+by it), stateful collection, list results. Superseded in the product by kimi_k2/data/invented.py (open vocabulary);
+kept because the shipped K2-Nano passes were trained on it (scripts/build_nano.sh) and experiments/README.md measures
+it.
 
-The hand-written train tools (tools.py) are few; a small model trained only on them memorises their names and their
-argument values instead of learning to read the declared tools, pick the one the request names, copy the argument
-values out of the request and quote the tool result in the answer. Each generic episode invents its tools (a topic
-such as "rainfall" or "hotel price" crossed with a subject kind such as a place, an item or a code, under one of
-several naming and wording patterns), its argument values (invented place and person names, items, codes, dates,
-numbers) and its results (a hash of the call), and declares them among distractors.
-
-Nothing here is held out: names, topics and values are drawn away from the held-out halves of world.py and tools.py
-(held-out tools, cities, items, element symbols, 2027 dates, integers <= 6, non-integers below 401), so
-`synthetic.check_heldout` holds for train sets that mix these episodes in.
+Nothing here is held out: names, topics and values are drawn away from the held-out halves of kimi_k2/eval (held-out
+tools, cities, items, element symbols, 2027 dates, integers <= 6, non-integers below 401), so
+`kimi_k2.data.heldout.check_heldout` holds for train sets that mix these episodes in.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kimi_k2.data import world
-from kimi_k2.data.synthetic import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
-from kimi_k2.data.tools import _hash, _obj, tools_of
+from kimi_k2.data.heldout import HELDOUT_WORDS, is_heldout_word
+from kimi_k2.data.invented import Subject, add_distractors, after_number, date
+from kimi_k2.eval.scenarios import REFUSAL, Call, Episode, Expect, Turn, fmt, train_episode
+from kimi_k2.eval.schema import object_schema
+from kimi_k2.eval.tools import stable_hash
 
 # ---- subjects: what a tool is asked about (argument kind, argument names, value generator) -------------------------
 
@@ -34,16 +35,6 @@ _ADJECTIVES = ["red", "wooden", "small", "steel", "glass", "cotton", "leather", 
                "ceramic", "bamboo", "copper", "striped", "large"]
 _OBJECTS = ["kettle", "ladder", "mug", "chair", "scarf", "bucket", "hammer", "mirror", "blanket", "shelf", "spoon",
             "candle", "teapot", "rug", "clock", "vase", "bench", "jacket", "helmet", "drawer"]
-_HELDOUT_WORDS = ({c.name.lower() for c in world.HELDOUT_CITIES} | set(world.HELDOUT_CATALOG)
-                  | {w for item in world.HELDOUT_CATALOG for w in item.split()}
-                  | {e.symbol.lower() for e in world.HELDOUT_ELEMENTS} | {e.name for e in world.HELDOUT_ELEMENTS})
-_LONG_HELDOUT_WORDS = [h for h in _HELDOUT_WORDS if len(h) >= 4]
-
-
-def is_heldout_word(w: str) -> bool:
-    """`w` (any case) is a held-out value or a piece of a held-out value of 4+ letters ("lim" of "lima")."""
-    w = w.lower()
-    return w in _HELDOUT_WORDS or any(w in h for h in _LONG_HELDOUT_WORDS)
 
 
 def _word(rng: random.Random) -> str:
@@ -71,19 +62,8 @@ def code(rng: random.Random) -> str:
         c = "".join(rng.choice(letters) for _ in range(rng.randint(2, 4)))
         if rng.random() < 0.3:
             c += str(rng.randint(10, 99))
-        if c.lower() not in _HELDOUT_WORDS:
+        if c.lower() not in HELDOUT_WORDS:
             return c
-
-
-def date(rng: random.Random) -> str:
-    return (dt.date(2025, 1, 1) + dt.timedelta(days=rng.randrange(730))).isoformat()  # 2025-2026 (held out: 2027)
-
-
-@dataclass(frozen=True)
-class Subject:
-    noun: str  # how a request names it ("city", "product")
-    arg_names: list[str]
-    value: Callable[[random.Random], str]
 
 
 SUBJECTS = {
@@ -183,17 +163,13 @@ def make_tool(rng: random.Random, topic: Topic, subject: str, with_count: bool, 
         names.append(topic.option)
         props[topic.option] = {"type": "string", "enum": list(topic.choices)}
     desc = desc.format(thing=topic.thing, Thing=topic.thing.capitalize())
-    spec = {"type": "function", "function": {"name": name, "description": desc, "parameters": _obj(names, **props)}}
+    spec = {"type": "function",
+            "function": {"name": name, "description": desc, "parameters": object_schema(names, **props)}}
     return GenericTool(spec, topic, subject, names)
 
 
-def _after_number(unit: str) -> str:
-    """How a unit follows a number in an answer: "12 mm", "12 dollars", but "12%"."""
-    return f" {unit}" if unit and unit != "%" else unit
-
-
 def _value(topic: Topic, *parts: object) -> float | int:
-    h = _hash("generic", topic.key, *parts)
+    h = stable_hash("generic", topic.key, *parts)
     x = topic.lo + (h % 1_000_003) / 1_000_003 * (topic.hi - topic.lo)
     return round(x, topic.decimals) if topic.decimals else int(x)
 
@@ -259,7 +235,7 @@ class GenericGen:
         v, w, *_ = list(c.arguments.values()) + [None]
         w = w if tool.subject == "place-pair" else None
         values = dict(thing=t.thing, Thing=t.thing.capitalize(), v=v, w=w, x=fmt(c.result[t.key]),
-                      unit=_after_number(c.result.get("unit", t.unit)))
+                      unit=after_number(c.result.get("unit", t.unit)))
         if tool.subject == "place-pair":
             return self.pick(_ANSWER_PAIR, **values)
         return self.pick(_ANSWER, **values, V=v[0].upper() + v[1:])
@@ -347,9 +323,9 @@ def _episode_chain(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]:
     finder = GenericTool({"type": "function", "function": {
         "name": g.rng.choice([f"find_{kind}_{code_name}", f"{kind}_{code_name}_search", f"resolve_{code_name}"]),
         "description": f"Find the {code_name} of a {SUBJECTS[kind].noun} by its name.",
-        "parameters": _obj([arg], **{arg: {"type": "string"}})}}, topic, kind, [arg])
+        "parameters": object_schema([arg], **{arg: {"type": "string"}})}}, topic, kind, [arg])
     by_code = make_tool(g.rng, topic, "code", False, False)
-    by_code.spec["function"]["parameters"] = _obj([code_name], **{code_name: {"type": "string"}})
+    by_code.spec["function"]["parameters"] = object_schema([code_name], **{code_name: {"type": "string"}})
     by_code.args = [code_name]
     v = SUBJECTS[kind].value(g.rng)
     ident = code(g.rng)
@@ -357,7 +333,7 @@ def _episode_chain(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]:
     x = _value(topic, ident)
     c2 = Call(by_code.name, {code_name: ident}, {code_name: ident, topic.key: x})
     user = g.pick(_CODE_ASK, thing=topic.thing, v=v, code=code_name)
-    answer = f"The {code_name} of {v} is {ident}, and its {topic.thing} is {fmt(x)}{_after_number(topic.unit)}."
+    answer = f"The {code_name} of {v} is {ident}, and its {topic.thing} is {fmt(x)}{after_number(topic.unit)}."
     return [finder, by_code], [Turn(user, [[c1], [c2]], answer, Expect(numbers=[x]), [])]
 
 
@@ -374,12 +350,12 @@ def _episode_collection(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]:
     price = next(t for t in TOPICS if t.thing == "price")
     add = GenericTool({"type": "function", "function": {
         "name": g.rng.choice([f"add_to_{snake}", f"{snake}_add"]), "description": f"Add an item to the user's {coll}.",
-        "parameters": _obj(["item", "quantity"], item={"type": "string"},
+        "parameters": object_schema(["item", "quantity"], item={"type": "string"},
                            quantity={"type": "integer", "minimum": 1})}}, price, "item", ["item", "quantity"])
     show = GenericTool({"type": "function", "function": {
         "name": g.rng.choice([f"view_{snake}", f"show_{snake}", f"{snake}_summary"]),
         "description": f"Show the {coll} with each line's subtotal and the total in dollars.",
-        "parameters": _obj([])}}, price, "item", [])
+        "parameters": object_schema([])}}, price, "item", [])
     lines: dict[str, int] = {}
     turns = []
     for _ in range(g.rng.randint(1, 3)):
@@ -409,7 +385,7 @@ def _episode_series(g: GenericGen) -> tuple[list[GenericTool], list[Turn]]:
     tool.spec["function"]["name"] = tool.name + "_history"
     tool.spec["function"]["description"] = f"Yearly {tool.topic.thing} of a {SUBJECTS[tool.subject].noun}, " \
                                            "one record per year (invented data)."
-    tool.spec["function"]["parameters"] = _obj(tool.args[:1], **{tool.args[0]: {"type": "string"}})
+    tool.spec["function"]["parameters"] = object_schema(tool.args[:1], **{tool.args[0]: {"type": "string"}})
     v = SUBJECTS[tool.subject].value(g.rng)
     years = list(range(2026 - g.rng.randint(2, 4), 2026))
     key = tool.topic.key
@@ -426,18 +402,6 @@ GENERIC_KINDS: dict[str, tuple[Callable[[GenericGen], tuple[list[GenericTool], l
     "generic_no_tool_fits": (_episode_no_tool_fits, 10), "generic_chain": (_episode_chain, 12),
     "generic_collection": (_episode_collection, 10), "generic_series": (_episode_series, 8),
 }
-
-
-def add_distractors(rng: random.Random, specs: list[dict], n: int, p_train: float,
-                    invent: Callable[[], dict]) -> list[dict]:
-    """`specs` plus up to `n` distractors (each a train tool with probability `p_train`, else `invent()`; a name
-    already declared is skipped), shuffled."""
-    for _ in range(n):
-        spec = rng.choice(tools_of("train")).spec() if rng.random() < p_train else invent()
-        if spec["function"]["name"] not in {s["function"]["name"] for s in specs}:
-            specs.append(spec)
-    rng.shuffle(specs)
-    return specs
 
 
 def generic_episode(seed: int, index: int) -> Episode:

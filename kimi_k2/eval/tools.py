@@ -1,8 +1,9 @@
 """Executable tool environments: an OpenAI function schema plus a Python function per tool.
 
 A tool function takes the episode's mutable `state` dict and the validated arguments and returns a JSON-able dict, the
-tool result. `ToolEnv` holds one episode's state; the synthetic generator and the eval harness both run tools through
-it, so a benchmark episode sees exactly the results the reference conversation saw.
+tool result. `ToolEnv` holds one episode's state; the reference episodes (scenarios.py) and the eval harness both run
+tools through it, so a benchmark episode sees exactly the results the reference conversation saw. Each tool belongs to
+one split: the train tools are what training data may use, the held-out tools are the benchmarks'.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kimi_k2.data import schema as js
-from kimi_k2.data.world import CITIES, ELEMENTS, HELDOUT_CATALOG, RATES_PER_USD, TRAIN_FACTS
+from kimi_k2.eval import schema as js
+from kimi_k2.eval.world import CITIES, ELEMENTS, HELDOUT_CATALOG, RATES_PER_USD, TRAIN_FACTS
 
 Split = Literal["train", "heldout"]
 
@@ -41,8 +42,7 @@ class Tool:
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
 
-def _obj(required: list[str], **props: dict) -> dict:
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+_obj = js.object_schema  # short, for the registry below
 
 
 def _num(x: float, nd: int = 2) -> float | int:
@@ -56,7 +56,8 @@ def _sig(x: float) -> float | int:
     return _num(x, max(2, 3 - math.floor(math.log10(abs(x)))) if x else 2)
 
 
-def _hash(*parts: Any) -> int:
+def stable_hash(*parts: Any) -> int:
+    """64 bits of sha256 over the parts, case-insensitive: the simulated data of a tool result, the same everywhere."""
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).lower().encode()).digest()[:8], "big")
 
 
@@ -81,7 +82,7 @@ CONDITIONS = ["sunny", "partly cloudy", "cloudy", "light rain", "heavy rain", "w
 
 def get_weather(state: dict, city: str, unit: str = "celsius") -> dict:
     name = _city(city).name
-    h = _hash("weather", name)
+    h = stable_hash("weather", name)
     temp_c = h % 36 - 5
     temp = temp_c if unit == "celsius" else _num(temp_c * 9 / 5 + 32, 1)
     return {"city": name, "temperature": temp, "unit": unit,
@@ -175,7 +176,7 @@ def list_tasks(state: dict) -> dict:
 def get_forecast(state: dict, city: str, days: int) -> dict:
     out = []
     for day in range(1, days + 1):
-        h = _hash("forecast", _city(city).name, day)
+        h = stable_hash("forecast", _city(city).name, day)
         tenths = h % 350 - 50
         tenths += 3 if tenths % 10 == 0 else 0  # highs always have a non-zero tenth digit
         out.append({"day": day, "high_c": tenths / 10, "low_c": _num(tenths / 10 - 2 - h // 350 % 60 / 10, 1),

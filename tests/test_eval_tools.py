@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from kimi_k2.data import schema as js
-from kimi_k2.data.tools import TOOLS, ToolEnv, ToolError, tools_of
+from kimi_k2.eval import schema as js
+from kimi_k2.eval.tools import TOOLS, ToolEnv, ToolError, tools_of
 
 # one valid call per tool (every tool must appear here, checked below)
 CALLS = {

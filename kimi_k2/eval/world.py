@@ -1,9 +1,9 @@
-"""The small, fixed world the synthetic tools answer from, split into train and held-out halves.
+"""The small, fixed world the executable tools (tools.py) answer from, split into train and held-out halves.
 
 Geography (capitals, coordinates to 2 decimals, standard-time UTC offsets without DST), element data and the
 landmark facts are real. Weather, exchange rates and shop prices are invented and fixed, and the tool descriptions say
 so. Every value a held-out conversation can put into a tool argument comes from the held-out half (or from a numeric
-range that training never uses; see synthetic.py), which is what makes the held-out split unseen.
+range that training never uses; see scenarios.py), which is what makes the held-out split unseen.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""Synthetic chat and tool-use conversations in OpenAI format, deterministic given (seed, split, index).
+"""Reference episodes over the executable tools (tools.py) in OpenAI format, deterministic given (seed, split, index).
 
 An `Episode` is built by running real tools (tools.ToolEnv), so every tool result and every final answer that quotes it
 is what the tool returns. From an episode come both a training conversation (`conversation()`: `messages` with
 `tool_calls` whose ids are `functions.{name}:{n}`, n counting every call of the conversation from 0, the id format of
 MoonshotAI/Kimi-K2 docs/tool_call_guidance.md) and an eval task (`task()`: the user turns plus what a right answer must
-contain), so the shipped benchmarks are held-out episodes scored against the same tools.
+contain): the benchmarks (benchmarks.py) are held-out episodes scored against the same tools, and the training data
+(kimi_k2.data) takes train episodes.
 
 Held-out episodes use tools, argument values and user phrasings that train episodes never use: held-out tools and
 values come from the held-out halves of world.py, numbers from disjoint ranges (train numeric arguments are integers
->= 7; held-out ones are integers <= 6 or non-integers), phrasings from phrasings.py. `check_heldout` verifies all three.
+>= 7; held-out ones are integers <= 6 or non-integers), phrasings from phrasings.py (`kimi_k2.data.heldout` checks
+all three on generated data).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
-from kimi_k2.data import world
-from kimi_k2.data.phrasings import CONNECT, UNIT_NAMES, USER
-from kimi_k2.data.tools import TOOLS, UNITS, Split, ToolEnv, tools_of
+from kimi_k2.eval import world
+from kimi_k2.eval.phrasings import CONNECT, UNIT_NAMES, USER
+from kimi_k2.eval.tools import TOOLS, UNITS, Split, ToolEnv, tools_of
 
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 KINDS = ["single", "parallel", "sequential", "multi_turn", "refusal", "identity", "arithmetic", "fact"]
@@ -63,7 +65,7 @@ class Episode:
     tools: list[str]
     turns: list[Turn]
     state: dict  # the tool environment's state at the end (Tau2-style: a right episode leaves the same state)
-    specs: dict[str, dict] = field(default_factory=dict)  # tools invented for this episode (generic.py): name -> spec
+    specs: dict[str, dict] = field(default_factory=dict)  # tools invented for this episode: name -> spec
 
     def tool_specs(self) -> list[dict]:
         return [self.specs[t] if t in self.specs else TOOLS[t].spec() for t in self.tools]
@@ -397,76 +399,3 @@ def episode(seed: int, split: Split, index: int, kind: str | None = None) -> Epi
 def episodes(seed: int, split: Split, n: int) -> Iterator[Episode]:
     for i in range(n):
         yield episode(seed, split, i)
-
-
-# the shipped held-out benchmarks (kimi_k2/eval/tasks/NAME.jsonl): name -> (seed, tasks per kind)
-BENCHMARKS: dict[str, tuple[int, dict[str, int]]] = {
-    "tool_use": (7001, {"single": 40, "parallel": 20, "sequential": 15, "multi_turn": 15, "refusal": 10}),
-    "chat": (7002, {"identity": 5, "arithmetic": 30, "fact": 20}),
-}
-
-
-def tasks(seed: int, counts: dict[str, int], prefix: str) -> list[dict]:
-    """Held-out eval tasks, `counts[kind]` of each kind; no two tasks open with the same user message."""
-    out, seen = [], set()
-    for kind, count in counts.items():
-        index, found = 0, 0
-        while found < count:
-            if index >= 50 * count:
-                raise ValueError(f"cannot draw {count} distinct {kind!r} tasks; the held-out pool is too small")
-            ep = episode(seed, "heldout", index, kind)
-            index += 1
-            if ep.turns[0].user not in seen:
-                seen.add(ep.turns[0].user)
-                out.append(ep.task(f"{prefix}-{len(out):04d}"))
-                found += 1
-    return out
-
-
-# ---- the held-out property -------------------------------------------------------------------------------------
-
-
-def _leaves(x) -> Iterator:
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _leaves(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _leaves(v)
-    else:
-        yield x
-
-
-def _key(v) -> str:
-    """Numbers compare by value (7 == 7.0), strings case-insensitively."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return fmt(v)
-    return json.dumps(v.lower() if isinstance(v, str) else v)
-
-
-def footprint(ep: Episode) -> dict[str, set]:
-    """What the held-out property compares: tool names, free argument values, user phrasings and messages.
-    Enum values are not 'values' (they are part of a tool's schema)."""
-    values = set()
-    for t in ep.turns:
-        for r in t.rounds:
-            for c in r:
-                props = ep.parameters(c.name)["properties"]
-                values |= {_key(x) for k, v in c.arguments.items() if "enum" not in props[k] for x in _leaves(v)}
-    return {"tools": {c.name for t in ep.turns for r in t.rounds for c in r} | set(ep.tools),
-            "values": values,
-            "templates": {x for t in ep.turns for x in t.templates},
-            "messages": {t.user for t in ep.turns}}
-
-
-def check_heldout(train: list[Episode], heldout: list[Episode]) -> None:
-    """Raise ValueError naming what a held-out episode shares with training (tools, values, phrasings, messages)."""
-    seen: dict[str, set] = {"tools": set(), "values": set(), "templates": set(), "messages": set()}
-    for ep in train:
-        for k, v in footprint(ep).items():
-            seen[k] |= v
-    for ep in heldout:
-        for k, v in footprint(ep).items():
-            shared = v & seen[k]
-            if shared:
-                raise ValueError(f"held-out {ep.kind} episode shares {k} with training: {sorted(shared)[:5]}")

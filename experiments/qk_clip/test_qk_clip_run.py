@@ -1,4 +1,5 @@
-"""experiments/qk_clip/run.py end to end: a smoke run by default, the experiment's claim with --run-slow."""
+"""experiments/qk_clip/run.py end to end (opt-in: --run-experiments): a smoke run, and the experiment's claim with
+--run-slow too."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-RUN = Path(__file__).resolve().parents[1] / "experiments" / "qk_clip" / "run.py"
+RUN = Path(__file__).resolve().parent / "run.py"
 
 
 def _run(out: Path, *argv: str) -> dict:

@@ -1,10 +1,10 @@
-"""Short-answer episodes: tools whose whole result is one word or phrase (`{"weather": "Sunny"}`), answered by quoting
-it, and self-introductions asked in more ways than synthetic.py's phrasing pools have.
+"""Short-answer episodes (`--status F` of experiments/k2_nano/synth.py): tools whose whole result is one word or phrase
+(`{"weather": "Sunny"}`), answered by quoting it, and self-introductions asked in more ways than the reference
+episodes' phrasing pools have. Written for the nano model's second SFT pass, whose first pass answered a bare
+`{"weather": "Sunny"}` by calling the tool again (experiments/README.md); the shipped passes were trained on it.
 
-The synthetic and generic tools always return records with numbers and an echo of their arguments; a model trained on
-those alone answers a bare `{"weather": "Sunny"}` by calling the tool again or by reciting a train template. Tool
-names, argument values and phrasings here stay away from the held-out split as generic.py's do (`check_heldout`
-holds for train sets that mix these in).
+Tool names, argument values and phrasings stay away from the held-out split as generic.py's do
+(`kimi_k2.data.heldout.check_heldout` holds for train sets that mix these in).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kimi_k2.data.generic import SUBJECTS
-from kimi_k2.data.synthetic import IDENTITY, Call, Episode, Expect, Turn, train_episode
-from kimi_k2.data.tools import TOOLS, _obj, tools_of
+from experiments.k2_nano.data.generic import SUBJECTS
+from kimi_k2.eval.scenarios import IDENTITY, Call, Episode, Expect, Turn, train_episode
+from kimi_k2.eval.schema import object_schema
+from kimi_k2.eval.tools import TOOLS, tools_of
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ _ASK = ["What's the {thing} like for {v} today?", "How is the {thing} for {v}? U
 _ANSWER = ["The {thing} for {v} is {x}.", "Right now the {thing} of {v} is {x}.", "{V}: {x}.",
            "According to the tool, the {thing} for {v} is {x}."]
 _FOLLOW = ["And {v}?", "How about {v}?"]
-# self-introduction requests beyond synthetic.py's pools (none of them a held-out phrasing)
+# self-introduction requests beyond the reference episodes' pools (none of them a held-out phrasing)
 INTRODUCE = ["Give a brief introduction of yourself.", "Please introduce yourself briefly.",
              "Could you give me a quick self-introduction?", "Say a few words about yourself.",
              "Describe yourself in a sentence.", "Before we start, who am I talking to?", "hi", "Hello!",
@@ -61,7 +62,7 @@ def _tool(rng: random.Random, status: Status) -> dict:
     prop = {"type": "string"} | ({"description": f"Name of the {arg}"} if rng.random() < 0.5 else {})
     desc = rng.choice(_DESCRIPTIONS).format(thing=status.thing, noun=SUBJECTS[status.subject].noun)
     return {"type": "function",
-            "function": {"name": name, "description": desc, "parameters": _obj([arg], **{arg: prop})}}
+            "function": {"name": name, "description": desc, "parameters": object_schema([arg], **{arg: prop})}}
 
 
 def _ask(rng: random.Random, templates: list[str], spec: dict, status: Status, prompts: list[str]) -> Turn:

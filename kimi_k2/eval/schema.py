@@ -60,3 +60,8 @@ def with_defaults(args: dict, schema: dict) -> dict:
     """`args` plus the schema's `default` for every absent property that has one."""
     full = {k: p["default"] for k, p in schema.get("properties", {}).items() if "default" in p}
     return full | args
+
+
+def object_schema(required: list[str], **properties: dict) -> dict:
+    """The `parameters` schema of a tool: an object of `properties`, `required` ones, nothing else allowed."""
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}

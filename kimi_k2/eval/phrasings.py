@@ -1,5 +1,6 @@
-"""User phrasings, one list per scenario and split. A held-out phrasing never appears in the train lists
-(`synthetic.check_heldout` verifies it, and the user messages built from them, on generated data)."""
+"""User phrasings of the reference episodes (scenarios.py), one list per scenario and split. A held-out phrasing never
+appears in the train lists (`kimi_k2.data.heldout.check_heldout` verifies it, and the user messages built from them, on
+generated data)."""
 
 from __future__ import annotations
 

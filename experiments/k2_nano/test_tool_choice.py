@@ -1,23 +1,21 @@
-"""experiments/k2_nano/tool_choice.py: the teacher-forced first-pick read of the selection skill."""
+"""experiments/k2_nano/tool_choice.py: the teacher-forced first-pick read of the selection skill, on the shipped model.
 
-import importlib.util
+Opt-in: `pytest --run-experiments` (and `--run-slow` for the picks on 20 conversations)."""
+
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kimi_k2.cli.data import train_episodes
+from experiments.k2_nano import tool_choice
+from kimi_k2.data.synth import train_episodes
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NANO = ROOT / "models" / "k2-nano-instruct"
-spec = importlib.util.spec_from_file_location("tool_choice", ROOT / "experiments" / "k2_nano" / "tool_choice.py")
-tool_choice = sys.modules["tool_choice"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool_choice)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,12 @@ def test_the_section_opening_is_the_models_next_token_probability(nano):
         assert whole < opening < 0  # the name's tokens cost more
 
 
+@pytest.mark.slow  # 20 conversations, each tool scored by a forward pass: minutes on a loaded 2-core box
 def test_picks_on_train_tool_conversations(nano, tmp_path):
     """The shipped model picks the right train tool (a skill it was trained on) nearly always."""
     model, tok = nano
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(e.conversation()) + "\n" for e in train_episodes(123, 60, 0.0)))
+    path.write_text("".join(json.dumps(e.conversation()) + "\n" for e in train_episodes(123, 60)))
     choices = tool_choice.conversation_choices(str(path), 20)
     assert len(choices) == 20 and all(c.messages[-1]["role"] == "user" for c in choices)
     picks = tool_choice.first_picks(model, tok, choices)

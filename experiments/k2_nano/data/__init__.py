@@ -1,0 +1,1 @@
+"""Train-data generators written to study the nano model (their mix: experiments/k2_nano/synth.py)."""
