@@ -44,6 +44,7 @@ QUICK: dict[str, tuple[dict[str, list[str]], list[str]]] = {
     "convert": ({}, ["--no-progress"]),
     "data corpus": ({"--sources": ["pydoc"]}, []),
     "data synth": ({"--n": ["12"]}, []),
+    "data tasks": ({}, []),
     "tokenizer train": ({"--vocab-size": ["600"]}, []),
     "train": ({}, [f"--set={kv}" for kv in ("schedule.total_steps=2", "schedule.warmup_steps=1", "data.seq_len=32",
                                               "train.micro_batch=2", "train.grad_accum=1", "train.log_every=1",
@@ -141,6 +142,8 @@ def _outputs_exist(args: list[str], ws: Path, out: str) -> None:
     elif key == "data synth":
         lines = (Path(args[args.index("--out") + 1]) / "train.jsonl").read_text().splitlines()
         assert len(lines) == int(args[args.index("--n") + 1])
+    elif key == "data tasks":
+        assert sorted(p.name for p in Path(args[args.index("--out") + 1]).glob("*.jsonl"))
     elif key == "tokenizer train":
         assert Tokenizer.from_pretrained(args[args.index("--out") + 1]).n_vocab > 256
     elif key == "train":
@@ -183,7 +186,8 @@ def test_readme_command(line, workspace, monkeypatch, capsys):
         assert main([args.command, "--help"]) == 0
         return
     if full[0] == "python":
-        assert subprocess.run([sys.executable, *full[1:2], "--help"], cwd=ROOT, capture_output=True).returncode == 0
+        script = full[1:3] if full[1] == "-m" else full[1:2]
+        assert subprocess.run([sys.executable, *script, "--help"], cwd=ROOT, capture_output=True).returncode == 0
         return
     _parses(full[1:])  # every flag of the line, optional ones included, is the command's
     args = required[1:]
