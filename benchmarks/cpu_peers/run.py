@@ -88,6 +88,14 @@ def prepare_checkpoint(name: str, work: Path) -> Path:
     if src is None and Path(name).is_dir():
         src = Path(name)
     model = load_model(str(src) if src is not None else name, torch.float32)  # presets: seed 0, std 1/sqrt(fan_in)
+    if src is None:
+        # a preset's random weights get the k2-nano tokenizer: zero output rows past its ordinary tokens (specials
+        # and padding) give those ids logit 0, below the max of the thousands of N(0, ~1) others, so greedy decoding
+        # yields only ordinary, printable tokens and never EOS (the servers then stream text for every token)
+        from kimi_k2.tokenizer import Tokenizer
+
+        with torch.no_grad():
+            model.lm_head.weight[Tokenizer.from_pretrained(NANO).num_base_tokens:] = 0
     tmp = work / (name.replace("/", "_") + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.torch_dtype = "float32"
@@ -263,7 +271,7 @@ def rates(w: Worker, args: argparse.Namespace, streams: list[int]) -> dict[str, 
     p, n = args.prompt, args.new
     out["prefill"] = [p / med["prefill"][0], p / med["prefill"][1]]
     # decode per round: (N-1) / (t(N) - t(1)) with both calls of the same round, then the median over rounds
-    dec = [[(n - 1) / max(d[i] - f[i], 1e-9) for d, f in zip(w.samples["decode"], w.samples["prefill"], strict=True)]
+    dec = [[(n - 1) / max(d[i] - f[i], 1e-9) for d, f in zip(w.samples["decode"], w.samples["prefill"], strict=False)]
            for i in (0, 1)]
     out["decode"] = [statistics.median(dec[0]), statistics.median(dec[1])]
     for s in streams:
