@@ -207,3 +207,38 @@ def test_worker_protocol_greedy_tokens_and_logits(tmp_path):
     np.testing.assert_allclose(np.load(logits["out"]), want, rtol=0, atol=1e-5)
     assert stats["peak_rss_mib"] > 50
     assert "unknown op" in unknown["error"]
+
+
+def test_rates_are_medians_of_interleaved_rounds():
+    import argparse
+
+    import run
+
+    w = run.Worker("x", "fp32", [], {})
+    # (cpu s, wall s) per round: prefill (1 new token) then decode (N = 9 new tokens), and 4 streams
+    w.samples = {"prefill": [(0.10, 0.2), (0.20, 0.4), (0.10, 0.3)], "decode": [(0.90, 1.0), (1.00, 1.2), (5.0, 9.0)],
+                 "s4": [(2.0, 4.0), (3.0, 5.0), (1.0, 6.0)]}
+    r = run.rates(w, argparse.Namespace(prompt=64, new=9), [1, 4])
+    assert r["prefill"] == pytest.approx([64 / 0.10, 64 / 0.3])
+    assert r["decode"][0] == pytest.approx(8 / 0.8)  # per round 8/0.8, 8/0.8, 8/4.9: the median
+    assert r["s4"] == pytest.approx([4 * 9 / 2.0, 4 * 9 / 5.0])
+    w.error = "boom"
+    assert run.rates(w, argparse.Namespace(prompt=64, new=9), [1]) == {"error": "boom"}
+
+
+def test_server_cpu_time_covers_the_process_tree():
+    import http_bench
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "done\n"
+        me = __import__("os").getpid()
+        assert child.pid in http_bench.tree(me)
+        assert http_bench.cpu_seconds(me) - http_bench.cpu_seconds(child.pid) >= 0
+        assert http_bench.cpu_seconds(child.pid) >= 0.25
+        assert http_bench.peak_rss_mib(child.pid) > 1
+    finally:
+        child.kill()
+        child.wait()
