@@ -73,6 +73,7 @@ class LlamaWorker:
         L.llama_backend_init()
         L.llama_log_set(_quiet_log, None)
         mp = L.llama_model_default_params()
+        mp.progress_callback = _no_progress  # not the loader's dots on stderr
         self.model = L.llama_model_load_from_file(gguf.encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
@@ -83,7 +84,9 @@ class LlamaWorker:
         cp.n_batch = cp.n_ctx
         cp.n_seq_max = max_seqs
         cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = True
+        # one KV stream per sequence, each n_ctx / n_seq_max cells (llama-batched-bench's default): a unified cache
+        # makes every stream attend over all streams' cells (masked), which made 32 streams slower than 8 here
+        cp.kv_unified = False
         cp.no_perf = True
         cp.type_k = cp.type_v = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16}[kv]
         cp.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -132,6 +135,11 @@ class LlamaWorker:
 def _quiet_log(level: int, text: bytes, user_data: object) -> None:
     if level >= 4:  # GGML_LOG_LEVEL_ERROR
         sys.stderr.write(text.decode(errors="replace"))
+
+
+@ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
+def _no_progress(progress: float, user_data: object) -> bool:
+    return True
 
 
 def peak_rss_mib() -> float:
