@@ -79,7 +79,7 @@ def prepare_checkpoint(name: str, work: Path) -> Path:
     from kimi_k2.config import PRESETS
     from kimi_k2.engine.bench import load_model
 
-    out = work / name
+    out = work / (Path(name).name if Path(name).is_dir() else name)
     if (out / "config.json").is_file() and (out / "tiktoken.model").is_file():
         return out
     src = NANO if name == "nano" else None
@@ -96,7 +96,7 @@ def prepare_checkpoint(name: str, work: Path) -> Path:
 
         with torch.no_grad():
             model.lm_head.weight[Tokenizer.from_pretrained(NANO).num_base_tokens:] = 0
-    tmp = work / (name.replace("/", "_") + ".partial")
+    tmp = work / (out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.torch_dtype = "float32"
     model.save_pretrained(tmp)

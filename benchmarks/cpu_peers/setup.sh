@@ -30,10 +30,14 @@ setup_llama() {
   local bin="$PEERS/llama.cpp/build/bin"
   if [ -x "$bin/llama-batched-bench" ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-bench" ]; then
     log "llama.cpp already built in $bin"
-  else
-    build_llama
+    setup_llama_venv
+    return
   fi
-  setup_llama_venv
+  build_llama_library
+  setup_llama_venv  # run.py needs only the library and the binding: usable from here on
+  log "building llama-batched-bench, llama-bench and llama-server (the command-line peers; run.py does not need them)"
+  nice -n 10 cmake --build "$PEERS/llama.cpp/build" -j "$JOBS" --target llama-batched-bench llama-bench llama-server
+  log "llama.cpp tools built: $bin"
 }
 
 setup_llama_venv() {
@@ -55,7 +59,7 @@ setup_llama_venv() {
   log "llama-cpp-python binding set up in $PEERS/llama-venv (run it with LLAMA_CPP_LIB_PATH=$bin)"
 }
 
-build_llama() {
+build_llama_library() {
   local bin="$PEERS/llama.cpp/build/bin"
   local sdist="$PEERS/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
   if [ ! -f "$sdist" ]; then
@@ -70,13 +74,11 @@ build_llama() {
     mv "$PEERS/src/unpack/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$PEERS/llama.cpp"
     rm -rf "$PEERS/src/unpack"
   fi
-  log "building llama.cpp ($JOBS jobs, nice 10; 10-30 minutes on a 2-core box)"
+  log "building libllama ($JOBS jobs, nice 10; 10-30 minutes on an idle 2-core box, about an hour when it is shared)"
   cmake -S "$PEERS/llama.cpp" -B "$PEERS/llama.cpp/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
-  # the library first (the python binding needs only it), then the tools
   nice -n 10 cmake --build "$PEERS/llama.cpp/build" -j "$JOBS" --target llama
-  nice -n 10 cmake --build "$PEERS/llama.cpp/build" -j "$JOBS" --target llama-batched-bench llama-bench llama-server
-  log "llama.cpp built: $bin"
+  log "libllama built: $bin"
 }
 
 setup_gguf() {
