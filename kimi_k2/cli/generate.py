@@ -32,11 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("-n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
-    parser.add_argument("--compile", action="store_true",
-                        help="single-stream decode through one torch.compile'd graph (needs --dtype float32)")
+    # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
+    parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
+                        help="projections as int8 or fp16 weights, made at load; everything else fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="single-stream decode through one torch.compile'd graph (default: on where it applies, "
+                             "float32 weights; otherwise eager, logged)")
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
@@ -54,15 +58,17 @@ def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype)
+    if args.compile and (args.dtype != "float32" or args.quantization):
+        print("kimi-k2 generate: --compile needs --dtype float32 and no --quantization", file=sys.stderr)
+        return 2
+    model = load_model(args.model, getattr(torch, args.dtype), quantization=args.quantization)
     tokenizer = None
     if (Path(args.model) / "tiktoken.model").is_file():
         from kimi_k2.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(args.model)
     try:
-        config = EngineConfig(max_model_len=args.max_model_len, compile_decode=args.compile)
+        config = EngineConfig(max_model_len=args.max_model_len, compile_decode=args.compile is not False)
         engine = LLMEngine(model, tokenizer, config)
     except ValueError as e:
         print(f"kimi-k2 generate: {e}", file=sys.stderr)

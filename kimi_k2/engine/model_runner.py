@@ -6,6 +6,8 @@ when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
 With a `CompiledDecoder` (`EngineConfig.compile_decode`), a group of one decode row runs through it instead; a model
 it cannot serve, or a compile that fails, falls back to the eager model with a logged warning.
+The runner prepares the model for inference in place: routed experts of float weights run as grouped GEMMs
+(`kimi_k2.model.grouped_experts`; same modules and state_dict, their weights stacked without a copy).
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from torch import nn
 from kimi_k2.engine.compiled_decode import CompiledDecoder, unsupported
 from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
+from kimi_k2.model.grouped_experts import GroupedExperts, groupable
+from kimi_k2.model.moe import Experts, MoE
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            if type(moe.experts) is Experts and groupable(moe.experts):
+                moe.experts = GroupedExperts(moe.experts)
         self.model = model
         self.pool = pool
         self.decoder = self._compiled_decoder(model, pool) if compile_decode else None

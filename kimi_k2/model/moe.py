@@ -54,6 +54,19 @@ class Gate(nn.Module):
                      self.routed_scaling_factor)
 
 
+class Experts(nn.ModuleList):
+    """The routed SwiGLU experts (`experts.{e}` in checkpoints)."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of x [P, D] grouped by expert in expert order, counts [E] rows per expert -> expert outputs [P, D]."""
+        out, start = torch.empty_like(x), 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start : start + n] = self[e](x[start : start + n])
+                start += n
+        return out
+
+
 class MoE(nn.Module):
     def __init__(self, config: K2Config) -> None:
         super().__init__()
@@ -62,8 +75,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.aux_loss_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_experts))
+        self.experts = Experts(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_experts))
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * (config.n_shared_experts or 1))
         self.last_expert_load: torch.Tensor | None = None  # [E] int64: tokens routed to each expert, last forward
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
@@ -84,13 +96,7 @@ class MoE(nn.Module):
         """Group the (token, slot) pairs by expert and run each active expert once over all its tokens -> [N, D]."""
         D = flat.shape[1]
         order = ids.argsort(stable=True)
-        token_of = order // self.top_k
-        out = flat.new_empty(ids.shape[0], D)  # expert outputs in expert order
-        start = 0
-        for e, n in enumerate(self.last_expert_load.tolist()):
-            if n:
-                out[start : start + n] = self.experts[e](flat[token_of[start : start + n]])
-                start += n
+        out = self.experts(flat[order // self.top_k], self.last_expert_load)  # expert outputs in expert order
         routed = torch.empty_like(out)
         routed[order] = out  # back to (token, slot) order: a permutation, so no scatter-add is needed
         return torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).squeeze(1)  # sum_k w_k e_k(x)
