@@ -102,3 +102,15 @@ def test_fp8_checkpoint_quantized_at_load_equals_in_memory(tmp_path) -> None:
     assert together == [r[0].token_ids for r in LLMEngine(in_memory, config=config).generate(prompts, params)]
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         load_quantized(tmp_path, "int4")
+
+
+def test_offloaded_experts_use_the_same_int8_linears(tmp_path) -> None:
+    """`load_offloaded(quantization="int8")`: experts read from the mapped fp8 checkpoint when routed to, on the same
+    int8 kernels, give the logits of the model quantized at load."""
+    from kimi_k2.deploy.offload import OffloadedExpert, load_offloaded
+
+    random_tiny_model().save_pretrained(tmp_path, fp8=True)
+    offloaded = load_offloaded(tmp_path, quantization="int8", cache_experts=4)
+    assert isinstance(offloaded.model.layers[1].mlp.experts[0], OffloadedExpert)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(IDS), load_quantized(tmp_path, "int8")(IDS), rtol=0, atol=1e-5)

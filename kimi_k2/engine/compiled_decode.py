@@ -8,8 +8,9 @@ so it compiles once per process and model config, at engine start-up (`warm_up`)
 (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. This token's latents come back
 out and are stored here. Every other step (prefill, batches) runs the eager model.
 
-The routed experts are stacked in place (`kimi_k2.ops.layout.stack_parameters`: each expert's weights become views
-of one [E, ...] tensor), so the graph indexes them without a second copy of the experts.
+The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
+transposed, the routed experts stacked; each module's weight becomes a view), so the graph reads them without a second
+copy of anything.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import torch
 from torch import nn
 
 from kimi_k2.engine.paged_cache import LatentPool, Row
-from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights
-from kimi_k2.model.moe import MoE
-from kimi_k2.ops.layout import stack_parameters
+from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights, prepare_decode_layout
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ class CompiledDecoder:
         if pool.kv.dtype != torch.float32:
             raise ValueError(f"compiled decode needs a float32 latent cache, got {pool.kv.dtype}")
         self.model, self.pool = model, pool
-        with torch.no_grad():
-            for moe in (m for m in model.modules() if isinstance(m, MoE)):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    stack_parameters([getattr(e, proj) for e in moe.experts], "weight")
+        prepare_decode_layout(model)
         step = DecodeStep(model.config, model.model.rotary.attention_factor, pool.page_size)
         self.step = torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
         self.compile_seconds: float | None = None  # wall time of the first call (trace + inductor + C++ build)

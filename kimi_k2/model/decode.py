@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import K2Config
-from ..ops.layout import stacked_view
+from ..ops.layout import fuse_columns, fused_view, stack_parameters, stacked_view
 from ..ops.quantize import QuantizedLinear
 from .functional import absorb, latent_attention, rms_norm, route, swiglu
 from .layers import MLP
@@ -31,8 +31,9 @@ def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (w * x.unsqueeze(-2)).sum(-1)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = x @ w.t()
+def _linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W^T [in, out] (+ bias): the weights come transposed (`fuse_columns`), as the BLAS streams them."""
+    y = x @ wt
     return y if bias is None else y + bias
 
 
@@ -80,13 +81,13 @@ class DecodeStep:
              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`MLA` latent path. x [1, 1, D], cached [T, C + R], mask [1, 1, T + 1] -> out [1, 1, D], latent [1, C + R]."""
         H, C = self.n_heads, self.kv_lora_rank
+        q, kv = _linear(x, w["x_proj"], w.get("x_proj_bias")).split_with_sizes([w["x_proj"].shape[1] - C - self.rope,
+                                                                                C + self.rope], dim=-1)
         if self.q_lora:
-            q = _linear(rms_norm(_linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], self.eps), w["q_b"])
-        else:
-            q = _linear(x, w["q"])
+            q = _linear(rms_norm(q, w["q_a_norm"], self.eps), w["q_b"])
         q_nope, q_pe = q.view(1, 1, H, -1).split_with_sizes([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary_emb(q_pe, cos, sin)
-        c_kv, k_pe = _linear(x, w["kv_a"], w.get("kv_a_bias")).split_with_sizes([C, self.rope], dim=-1)
+        c_kv, k_pe = kv.split_with_sizes([C, self.rope], dim=-1)
         c_kv, k_pe = rms_norm(c_kv, w["kv_a_norm"], self.eps), apply_rotary_emb(k_pe, cos, sin)  # [1, 1, C], [1, 1, R]
         latent = torch.cat([c_kv, k_pe], dim=-1)[0]  # [1, C + R]
         keys = torch.cat([cached, latent])[None]  # [1, T + 1, C + R]
@@ -95,10 +96,10 @@ class DecodeStep:
         return _linear(out.flatten(2), w["o"], w.get("o_bias")), latent
 
     @staticmethod
-    def _mlp(w: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """`MLP`: (gate, up, down) weights, x [..., D] -> [..., D]."""
-        gate, up, down = w
-        return _linear(swiglu(_linear(x, gate), _linear(x, up)), down)
+    def _mlp(w: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """`MLP`: ([gate | up]^T, down^T), x [..., D] -> [..., D]."""
+        gate_up, down = w
+        return _linear(swiglu(*_linear(x, gate_up).chunk(2, dim=-1)), down)
 
     def _moe(self, w: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         """`MoE` for one token: x [1, D] -> [1, 1, D]."""
@@ -135,33 +136,59 @@ def _expert_stacks(moe: MoE) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _mlp_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+def transposed(linears: list[nn.Module]) -> torch.Tensor:
+    """[in, sum(out)] W^T of the linears side by side: the tensor `fuse_columns` made (a view), else a copy."""
+    weights = [m.weight.detach() for m in linears]
+    fused = fused_view(weights)
+    return fused if fused is not None else torch.cat([w.t() for w in weights], dim=1)
+
+
+def prepare_decode_layout(model: nn.Module) -> None:
+    """Lay the model's weights out as `DecodeStep` reads them, in place and without copies (`kimi_k2.ops.layout`):
+    fused transposed projections, stacked routed experts. Values, names and state_dict are unchanged."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fuse_columns([attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa])
+            for m in [attn.o_proj] + ([] if attn.q_lora_rank is None else [attn.q_b_proj]):
+                fuse_columns([m])
+            for m in [mlp.shared_experts] if isinstance(mlp, MoE) else [mlp]:
+                fuse_columns([m.gate_proj, m.up_proj])
+                fuse_columns([m.down_proj])
+            if isinstance(mlp, MoE):
+                fuse_columns([mlp.gate])
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    stack_parameters([getattr(e, proj) for e in mlp.experts], "weight")
+        fuse_columns([model.lm_head])
 
 
 def decode_weights(model: nn.Module) -> DecodeWeights:
-    """The tensors `DecodeStep` reads: the model's own (the routed experts as [E, ...] stacks)."""
+    """The tensors `DecodeStep` reads: views of the model's own after `prepare_decode_layout`, else copies."""
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
         w: dict[str, Any] = {
             "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-            "kv_a": attn.kv_a_proj_with_mqa.weight, "kv_a_norm": attn.kv_a_layernorm.weight,
-            "kv_b": attn.kv_b_proj.weight, "o": attn.o_proj.weight}
-        if attn.q_lora_rank is None:
-            w["q"] = attn.q_proj.weight
-        else:
-            w.update(q_a=attn.q_a_proj.weight, q_a_norm=attn.q_a_layernorm.weight, q_b=attn.q_b_proj.weight)
-        for key, m in (("q_a_bias", getattr(attn, "q_a_proj", None)), ("kv_a_bias", attn.kv_a_proj_with_mqa),
-                       ("o_bias", attn.o_proj)):
-            if m is not None and m.bias is not None:
-                w[key] = m.bias
+            "x_proj": transposed([first, attn.kv_a_proj_with_mqa]), "kv_a_norm": attn.kv_a_layernorm.weight,
+            "kv_b": attn.kv_b_proj.weight, "o": transposed([attn.o_proj])}
+        if attn.q_lora_rank is not None:
+            w.update(q_a_norm=attn.q_a_layernorm.weight, q_b=transposed([attn.q_b_proj]))
+        if first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None:
+            w["x_proj_bias"] = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                          for m in (first, attn.kv_a_proj_with_mqa)])
+        if attn.o_proj.bias is not None:
+            w["o_bias"] = attn.o_proj.bias
         if isinstance(mlp, MoE):
-            w.update(router=mlp.gate.weight, router_bias=mlp.gate.e_score_correction_bias,
+            w.update(router=transposed([mlp.gate]), router_bias=mlp.gate.e_score_correction_bias,
                      shared=_mlp_weights(mlp.shared_experts), experts=_expert_stacks(mlp))
         else:
             w["mlp"] = _mlp_weights(mlp)
         layers.append(w)
     m = model.model
-    return {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": model.lm_head.weight,
+    return {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": transposed([model.lm_head]),
             "inv_freq": m.rotary.inv_freq, "layers": layers}
+
+
+def _mlp_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+    return transposed([mlp.gate_proj, mlp.up_proj]), transposed([mlp.down_proj])

@@ -69,6 +69,12 @@ def latent_attention(
     """
     B, S, H, _ = q_nope.shape
     c_kv, k_pe, q_nope, q_pe = c_kv.float(), k_pe.float(), q_nope.float(), q_pe.float()
+    if torch.compiler.is_compiling():  # as broadcast reductions, which inductor fuses with the ops around them
+        q_lat = (q_nope.unsqueeze(-1) * w_uk).sum(-2)  # [B, S, H, C]
+        scores = ((q_lat.unsqueeze(-2) * c_kv[:, None, None]).sum(-1)
+                  + (q_pe.unsqueeze(-2) * k_pe[:, None, None]).sum(-1)) * scale + mask[:, :, None, :]
+        o_lat = (scores.softmax(dim=-1).unsqueeze(-1) * c_kv[:, None, None]).sum(-2)  # [B, S, H, C]
+        return (o_lat.unsqueeze(-1) * w_uv_t).sum(-2), scores
     q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
     q_lat = q_lat.transpose(0, 1).reshape(B, S * H, -1)
     # scale * (q_pe . k_pe + q_lat . c): one bmm into the other

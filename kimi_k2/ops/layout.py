@@ -1,5 +1,11 @@
-"""Same-shaped weights as one stacked tensor without a second copy: the stack owns the memory and every module's
-Parameter becomes a view of its row, so the modules, state_dict and in-place updates all see the stacked bytes."""
+"""Inference layouts of weights without a second copy: one tensor owns the memory and every module's Parameter
+becomes a view of its part, so the modules, state_dict and in-place updates all see the same bytes.
+
+stack_parameters: same-shaped weights (the routed experts) as one [n, ...] stack, indexed by expert id.
+fuse_columns:     linears reading the same input (q_a | kv_a, gate | up) as one transposed [in, sum(out)] matrix: one
+                  BLAS product for all, and W^T contiguous streams the weight ~2x faster than a row-major W when x has
+                  few rows (decode) on CPU.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +42,35 @@ def stack_parameters(owners: list[nn.Module], name: str) -> torch.Tensor:
         setattr(m, name, nn.Parameter(stack[i], requires_grad=p.requires_grad) if isinstance(p, nn.Parameter)
                 else stack[i])
     return stack
+
+
+def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:
+    """Store the weights of linears that read the same input side by side, transposed: one [in, sum(out)] contiguous
+    tensor W^T whose column blocks are each linear's W^T (each weight stays a [out, in] view of its block), so one
+    BLAS product computes all of them -> that tensor. Already fused: returned as is."""
+    fused = fused_view([m.weight.detach() for m in linears])
+    if fused is not None:
+        return fused
+    weights = [m.weight.detach() for m in linears]
+    buf = torch.empty(weights[0].shape[1], sum(w.shape[0] for w in weights), dtype=weights[0].dtype,
+                      device=weights[0].device)
+    start = 0
+    for m, w in zip(linears, weights, strict=True):
+        block = buf[:, start : start + w.shape[0]]
+        block.copy_(w.t())
+        m.weight = nn.Parameter(block.t(), requires_grad=m.weight.requires_grad)
+        start += w.shape[0]
+    return buf
+
+
+def fused_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [in, sum(out)] tensor W^T that `fuse_columns` made of these [out, in] weights, or None."""
+    first = weights[0]
+    width = sum(w.shape[0] for w in weights)
+    start = first.storage_offset()
+    for w in weights:
+        if (w.dtype != first.dtype or w.shape[1] != first.shape[1] or w.stride() != (1, width)
+                or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.storage_offset() != start):
+            return None
+        start += w.shape[0]
+    return first.as_strided((first.shape[1], width), (width, 1), first.storage_offset())
