@@ -1,5 +1,6 @@
-"""Weight formats and layouts for inference, below the model: no module here knows the K2 architecture.
+"""Weight formats and layouts for inference, below the model: nothing here knows the K2 architecture.
 
-layout.py:    zero-copy stacking of same-shaped weights (the routed experts) into one [n, ...] tensor.
-quantize.py:  int8 (per-channel) and fp16 linears on PyTorch's FBGEMM CPU kernels, and the swap that installs them.
+layout.py:    zero-copy inference layouts (stacked same-shaped weights, fused transposed projections) as views.
+quantize.py:  int8 (per-channel weights, per-row activations) and fp16 linears on PyTorch's FBGEMM CPU kernels, and
+              the swap that installs them.
 """

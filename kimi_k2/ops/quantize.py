@@ -9,10 +9,12 @@
            result independent of the batch it is in.
     fp16:  W stored as fp16, x and the accumulation stay fp32 (`quantized::linear_dynamic_fp16`).
 
-Why these kernels (measured on the 2-core AVX2 box, 1 thread, [1, 1024] x [1024, 4096]): FBGEMM int8 ran 3.5x
-faster than the fp32 BLAS matvec with 1.5% relative error; `aten._weight_int8pack_mm` (weight-only int8, as
-gpt-fast uses) and bf16/fp16 `F.linear` were 2-5x *slower* than fp32 here (no AVX-512/AMX), and torch.compile's
-fused dequantize-reduction ran 8x slower than BLAS; torchao's CPU int8 path is `_weight_int8pack_mm`.
+Why these kernels (measured on the 2-core AVX2 box, 1 thread, [1, 1024] x [1024, 4096]): FBGEMM int8 ran ~3.5x
+faster than the fp32 BLAS matvec, at ~1.1% relative error per product; `aten._weight_int8pack_mm` (weight-only int8,
+as gpt-fast and torchao's CPU path use) and bf16/fp16 `F.linear` were 2-5x *slower* than fp32 here (no AVX-512/AMX),
+and torch.compile's fused dequantize-reduction ran several times slower than the BLAS. Caveat: PyTorch has deprecated
+creating qint8 tensors (pytorch#184982), which FBGEMM's packing still takes; when it goes, the packing moves to
+torchao or a kernel of our own.
 """
 
 from __future__ import annotations
