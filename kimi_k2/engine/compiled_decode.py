@@ -15,12 +15,15 @@ copy of anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from kimi_k2.config import K2Config
 from kimi_k2.engine.paged_cache import LatentPool, Row
 from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights, prepare_decode_layout
 
@@ -38,6 +41,19 @@ def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
     return None
 
 
+_COMPILED: dict[tuple[str, float, int], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> Callable[..., tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]:
+    """One torch.compile'd DecodeStep per model config and page size in this process: later engines reuse its graph."""
+    key = (json.dumps(config.to_dict(), sort_keys=True), attention_factor, page_size)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True,
+                                       dynamic=False, options={"cpp_wrapper": True})
+    return _COMPILED[key]
+
+
 class CompiledDecoder:
     def __init__(self, model: nn.Module, pool: LatentPool):
         check_decode_model(model)
@@ -45,8 +61,7 @@ class CompiledDecoder:
             raise ValueError(f"compiled decode needs a float32 latent cache, got {pool.kv.dtype}")
         self.model, self.pool = model, pool
         prepare_decode_layout(model)
-        step = DecodeStep(model.config, model.model.rotary.attention_factor, pool.page_size)
-        self.step = torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        self.step = compiled_step(model.config, model.model.rotary.attention_factor, pool.page_size)
         self.compile_seconds: float | None = None  # wall time of the first call (trace + inductor + C++ build)
         self._params = list(model.parameters())
         self._key: list[int] | None = None
