@@ -61,8 +61,8 @@ def test_quantize_linears_replaces_all_but_kept() -> None:
 @pytest.mark.parametrize("fmt, max_ppl_change, min_agree", [("fp16", 1e-3, 0.99), ("int8", 0.02, 0.9)])
 def test_nano_model_perplexity_against_fp32(fmt: str, max_ppl_change: float, min_agree: float) -> None:
     """The stated cost of each format on the shipped nano model over a fixed text (1024 tokens of the eval chat
-    tasks): perplexity change and greedy-argmax agreement with fp32 (measured: fp16 +0.04% / 99.6%, int8 +0.56% /
-    95.6%)."""
+    tasks): perplexity change and greedy-argmax agreement with fp32 (measured: fp16 +0.04% / 99.6%, int8 +0.23% /
+    96.4%)."""
     reference_model = K2ForCausalLM.from_pretrained(NANO, dtype=torch.float32)
     model = load_quantized(NANO, fmt)
     assert not any(isinstance(m, nn.Linear) and not n.endswith("kv_b_proj") for n, m in model.named_modules())
@@ -89,7 +89,8 @@ def test_fp8_checkpoint_quantized_at_load_equals_in_memory(tmp_path) -> None:
     random_tiny_model(attention_bias=True).save_pretrained(tmp_path, fp8=True)
     loaded = load_quantized(tmp_path, "int8")
     in_memory = quantize_model(K2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), "int8")
-    assert loaded.model.layers[0].self_attn.kv_a_proj_with_mqa.fmt == "int8"
+    assert loaded.model.layers[0].mlp.gate_proj.fmt == "int8" and loaded.lm_head.fmt == "int8"
+    assert loaded.model.layers[0].self_attn.kv_a_proj_with_mqa.fmt == "fp16"  # int8 mode keeps attention in fp16
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), in_memory(IDS), rtol=0, atol=1e-5)
     config = EngineConfig(num_pages=32, max_model_len=64, compile_decode=True)
