@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kimi_k2.config import K2Config
-from kimi_k2.engine.bench import load_model
+from kimi_k2.engine.loader import load_model
 from kimi_k2.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

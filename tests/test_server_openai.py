@@ -289,5 +289,5 @@ def test_serve_cli_without_model_says_how_to_get_one(tmp_path, capsys):
 def test_serve_cli_compile_needs_float32(capsys):
     from kimi_k2.cli import main
 
-    assert main(["serve", "--compile"]) == 2  # the default --dtype is bfloat16
+    assert main(["serve", "--compile", "--dtype", "bfloat16"]) == 2
     assert "--compile needs --dtype float32" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def prepare_checkpoint(name: str, work: Path) -> Path:
     import torch
 
     from kimi_k2.config import PRESETS
-    from kimi_k2.engine.bench import load_model
+    from kimi_k2.engine.loader import load_model
 
     out = work / (Path(name).name if Path(name).is_dir() else name)
     if (out / "config.json").is_file() and (out / "tiktoken.model").is_file():

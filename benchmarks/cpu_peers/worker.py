@@ -34,7 +34,7 @@ class KimiWorker:
         import torch
 
         from kimi_k2.engine import EngineConfig, LLMEngine
-        from kimi_k2.engine.bench import load_model
+        from kimi_k2.engine.loader import load_model
 
         torch.set_num_threads(threads)
         mode = dict(mode)

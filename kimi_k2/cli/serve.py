@@ -29,19 +29,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion budget of requests that set none (default: the rest of the context)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
-    add_dtype(p, "bfloat16")
+    add_dtype(p, "float32", "weight dtype (float32: the fastest on CPUs without native bf16; the compiled decode's)")
     p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
                         "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
-    p.add_argument("--compile", action="store_true",
-                   help="single-stream decode through one torch.compile'd graph (needs --dtype float32; compiles on "
-                        "the first request, ~30 s on a CPU)")
+    # speed: low-precision weights and the compiled single-stream decode
+    p.add_argument("--quantization", choices=["int8", "fp16"], default=None,
+                   help="projections as int8 (per-channel, int8 matmuls) or fp16 weights, made from the checkpoint "
+                        "(fp8/bf16/fp32) at load, one tensor at a time; everything else fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
+                        "where it applies, float32 weights; otherwise eager, logged)")
     p.add_argument("--log-level", default="info")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile and (args.dtype != "float32" or args.ep is not None):
-        raise UsageError("--compile needs --dtype float32 and no --ep")
+    if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
+        raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
+    if args.quantization and args.ep is not None:
+        raise UsageError("--quantization is not supported with --ep")
     d = model_dir(args.model)
     if not (d / "tiktoken.model").is_file():
         raise CommandError(f"{d} has no tokenizer (tiktoken.model): serve a directory with the model's tokenizer")
@@ -49,11 +55,13 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
-                                   ("compile_decode", args.compile or None)) if v is not None}
-    config, dtype = EngineConfig(**overrides), getattr(torch, args.dtype)
+    compile_decode = args.compile is not False and args.ep is None
+    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
+                 if v is not None}
+    config, dtype = EngineConfig(**overrides, compile_decode=compile_decode), getattr(torch, args.dtype)
     if args.ep is None:
-        return serve(args, d, LLMEngine.from_pretrained(d, config=config, dtype=dtype))
+        engine = LLMEngine.from_pretrained(d, config=config, dtype=dtype, quantization=args.quantization)
+        return serve(args, d, engine)
     from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
     if (error := launch_error(args.ep)) is not None:

@@ -82,11 +82,14 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str], config: EngineConfig | None = None,
-                        dtype: torch.dtype = torch.bfloat16) -> LLMEngine:
-        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory."""
-        from kimi_k2.model import K2ForCausalLM
+                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None) -> LLMEngine:
+        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory.
 
-        model = K2ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32).
+        """
+        from kimi_k2.engine.loader import load_model
+
+        model = load_model(str(model_dir), dtype, quantization=quantization)
         tokenizer = None
         if (Path(model_dir) / "tiktoken.model").is_file():
             from kimi_k2.tokenizer import Tokenizer
