@@ -85,7 +85,7 @@ class ExpertParallelMoE(nn.Module):
 
     def _dispatch_combine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, D] -> (sum_k w_k expert_k(x) [n, D] fp32, expert ids [n, k], router scores [n, E])."""
-        W, El, D = self.world, len(self.local), x.shape[1]
+        W, El = self.world, len(self.local)
         weights, indices, scores = self.gate(x)
         ids = indices.flatten()  # [n*k]
         counts = torch.bincount(ids, minlength=self.n_experts)  # [E]

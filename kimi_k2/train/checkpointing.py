@@ -16,11 +16,14 @@ classes only (a crafted checkpoint cannot run code).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,14 @@ def commit_checkpoint(root: str | Path, step: int, tmp: Path, keep_last: int) ->
     return final
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every single-process save/load that it assumes one process: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -167,7 +178,8 @@ def save_checkpoint(
         rngs = [None] * world if rank == 0 else []
         dist.gather_object(rng_state(), rngs if rank == 0 else None, dst=0)
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | optimizer_tensors(model, optimizer)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=world == 1)
+    with _single_process_ok():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=world == 1)
     final = ckpts / f"step_{step:08d}"
     if rank == 0:
         write_files(tmp, {"state.pt": {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs}})
@@ -241,7 +253,8 @@ def load_checkpoint(
                     like = torch.zeros_like(p, dtype=dtype) if shape == p.shape else torch.zeros(shape, dtype=dtype)
                     tensors[key] = like
                     optim[key] = (p, key.removeprefix(prefix))
-    dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
+    with _single_process_ok():
+        dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
     if optimizer is not None:
         optimizer.state.clear()
         for key, (p, name) in optim.items():
@@ -265,5 +278,6 @@ def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     reader = _Reader(Path(path))
     saved = reader.read_metadata().state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in saved.items() if k.startswith("model/")}
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    with _single_process_ok():
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
     return {k.removeprefix("model/"): v for k, v in tensors.items()}
