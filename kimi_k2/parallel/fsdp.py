@@ -40,7 +40,8 @@ def parallelize(model: nn.Module, mesh: TrainMesh, param_dtype: torch.dtype = to
                                   reshard_after_forward=reshard_after_forward)
             if mesh.efsdp.size() != mesh.world:  # the all-to-all already summed over the ep ranks
                 experts.set_gradient_divide_factor(float(mesh.world))
-                experts.set_force_sum_reduction_for_comms(True)  # a divide factor otherwise needs PREMUL_SUM
+                # a divide factor otherwise needs PREMUL_SUM (NCCL only); on one rank torch 2.13 would divide twice
+                experts.set_force_sum_reduction_for_comms(mesh.efsdp.size() > 1)
             experts.set_reduce_scatter_unused_params(True)
         fully_shard(block, mesh=mesh.dp, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh.dp, mp_policy=policy, reshard_after_forward=reshard_after_forward)
