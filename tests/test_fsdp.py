@@ -5,7 +5,8 @@
   per-head blocks, experts and the AdamW group included, and each matrix orthogonalized exactly once;
 - QK-Clip with per-rank max logits on row-sharded weights whose heads straddle ranks: the same heads, same weights;
 - the streamed export's full tensors, the memory held per rank against total / N;
-- bf16 mixed precision: gathered weights bf16 in forward, fp32 masters and gradients.
+- bf16 mixed precision: gathered weights bf16 in forward, fp32 masters and gradients;
+- loading a block-FP8 checkpoint straight into the shards (each rank its rows and experts) equals a whole load.
 Run by pytest, this file launches itself under `torchrun --nproc-per-node 4`; each rank then runs `worker()`.
 """
 
@@ -160,6 +161,33 @@ def check_mixed_precision() -> None:
         check(p.grad is None or p.grad.dtype == torch.float32, f"gradient of {n} is {p.grad.dtype}")
 
 
+def check_sharded_load(directory: Path) -> None:
+    """A model sharded on the meta device, each rank reading only its rows (and experts) of a block-FP8 checkpoint
+    whose 128-row blocks straddle the ranks' rows, equals the model loaded whole."""
+    from kimi_k2.model import K2ForCausalLM
+    from kimi_k2.parallel import DistInfo
+    from kimi_k2.parallel.fsdp import load_sharded, parallelize
+    from kimi_k2.parallel.world import build_train_mesh
+
+    ref, _, _ = build(2)
+    if dist.get_rank() == 0:
+        ref.save_pretrained(directory, fp8=True)
+    dist.barrier()
+    whole = K2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.device("meta"):
+        model = K2ForCausalLM(ref.config)
+    info = DistInfo(dist.get_rank(), WORLD, dist.get_rank(), torch.device("cpu"))
+    experts = parallelize(model, build_train_mesh(info, WORLD, 2))
+    model.to_empty(device="cpu")
+    read = load_sharded(model, str(directory))
+    read_experts = [n for n in read if ".experts." in n]
+    check(sorted(read_experts) == sorted(experts) and len(experts) == 2 * 4 * 3,  # 2 MoE layers x 4 experts x 3
+          f"read expert tensors {read_experts}")
+    want = whole.state_dict()
+    for n, t in model.state_dict().items():
+        check(torch.equal(full(t), want[n]), f"sharded load: {n}")
+
+
 def worker() -> None:
     dist.init_process_group("gloo")
     torch.use_deterministic_algorithms(True)
@@ -168,12 +196,14 @@ def worker() -> None:
     for ep in (2, 4):
         check_muonclip(ep)
     check_mixed_precision()
+    check_sharded_load(Path(os.environ["KIMI_TEST_DIR"]) / "fp8")
     dist.destroy_process_group()
 
 
-def test_fsdp2_expert_parallel_matches_one_process_on_four_ranks():
+def test_fsdp2_expert_parallel_matches_one_process_on_four_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "KIMI_TEST_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
 

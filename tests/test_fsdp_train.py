@@ -153,3 +153,17 @@ def test_sigkill_of_every_rank_mid_run_then_resume_is_bitwise(runs):
     train(out, runs["tokens"], "fsdp4_ep2")
     want = weights(runs["fsdp4_ep2"])
     assert all(torch.equal(t, want[n]) for n, t in weights(out).items())
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_an_export_loads_shards_and_matches_one_process(runs):
+    init = ["--set", f"model.init_from={json.dumps(str(runs['one'] / 'final'))}", "--set", "schedule.warmup_steps=0"]
+    logs = []
+    for layout in ("one", "fsdp4_ep2"):
+        out = runs["tmp"] / f"finetune_{layout}"
+        cmd = command(out, runs["tokens"], layout) + init
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        logs.append(read_log(out))
+    assert_close_runs(logs[1], logs[0])
+    assert logs[0][0]["loss"] < read_log(runs["one"])[0]["loss"] - 0.3  # it started from the trained weights

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from kimi_k2.checkpoint import CheckpointError, CheckpointReader, Slice
 from kimi_k2.parallel.expert import ExpertParallelMoE, shard_experts
 from kimi_k2.parallel.world import TrainMesh
 
@@ -76,6 +77,27 @@ def shard_group(t: torch.Tensor) -> dist.ProcessGroup | None:
     if isinstance(t, DTensor) and isinstance(t.placements[0], Shard):
         return t.device_mesh.get_group(0)
     return None
+
+
+def load_sharded(model: nn.Module, directory: str) -> list[str]:
+    """Fill a model sharded on the meta device and then materialized (`parallelize`, `to_empty`) from an HF
+    checkpoint: each rank reads only the rows it holds of each tensor (block-FP8: the 128-row blocks holding them,
+    dequantized) and only its own routed experts -> the tensor names read. Nothing is gathered."""
+    reader = CheckpointReader(directory)
+    outs: dict[str, torch.Tensor] = {}
+    parts: dict[str, Slice] = {}
+    for name, t in model.state_dict().items():
+        if name not in reader:
+            raise CheckpointError(f"checkpoint {directory} lacks {name}")
+        if tuple(t.shape) != reader.shape(name):
+            raise CheckpointError(f"shape mismatch for {name}: checkpoint {reader.shape(name)}, model {tuple(t.shape)}")
+        local, start = local_rows(t)
+        if local.numel():
+            outs[name] = local
+            if isinstance(t, DTensor):
+                parts[name] = Slice(0, start, start + local.shape[0])
+    reader.read_into(outs, parts)
+    return list(outs)
 
 
 def stream_full_state_dict(model: nn.Module, names: list[str]) -> Iterator[tuple[str, torch.Tensor | None]]:

@@ -34,11 +34,17 @@ def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def uses_fsdp(parallel: ParallelSection, info: DistInfo) -> bool:
+    return (info.world_size if parallel.dp_shard == -1 else parallel.dp_shard) > 1
+
+
 class Layout:
     def __init__(self, model: nn.Module, parallel: ParallelSection, expert_parallel: bool, info: DistInfo) -> None:
+        """Spread `model` (materialized, or on the meta device under FSDP2: sharded first, then materialized and
+        loaded by the caller) over the ranks."""
         self.info, self.model = info, model
         dp_shard = info.world_size if parallel.dp_shard == -1 else parallel.dp_shard
-        self.fsdp = dp_shard > 1
+        self.fsdp = uses_fsdp(parallel, info)
         self.mesh: TrainMesh | None = None
         self.param_dtype = torch.float32
         self.local_experts: list[str] = []  # this rank's routed-expert parameter names, when they are split

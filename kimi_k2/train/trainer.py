@@ -32,10 +32,10 @@ from kimi_k2.checkpoint.reader import FP32_TENSORS
 from kimi_k2.checkpoint.writer import checkpoint_config, is_weight_file, prepare, remove_interrupted_writes
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.parallel import DistInfo, all_reduce_, barrier, init_distributed, shutdown
-from kimi_k2.parallel.fsdp import stream_full_state_dict
+from kimi_k2.parallel.fsdp import load_sharded, stream_full_state_dict
 from kimi_k2.train import checkpointing
 from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_paths, load_pretrain, load_sft
-from kimi_k2.train.layout import Layout
+from kimi_k2.train.layout import Layout, uses_fsdp
 from kimi_k2.train.memory import RankMemory, measure
 from kimi_k2.train.optim import build_optimizer
 from kimi_k2.train.param_groups import freeze
@@ -92,13 +92,24 @@ class Trainer:
         self.config = recipe.model.build_config()
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.train_rows, self.val_rows = load_data(recipe, self.tokenizer, self.config.vocab_size)
-        if recipe.model.init_from:
+        # FSDP2 from a checkpoint: shard on the meta device, then each rank reads only its rows (no rank ever holds
+        # the model); a random init is drawn whole on every rank (the same values as one process) and then sharded
+        sharded_load = recipe.model.init_from is not None and uses_fsdp(recipe.parallel, self.dist)
+        if sharded_load:
+            with torch.device("meta"):
+                self.model = K2ForCausalLM(self.config)
+        elif recipe.model.init_from:
             self.model = K2ForCausalLM.from_pretrained(recipe.model.init_from, dtype=torch.float32)
         else:
             self.model = K2ForCausalLM.from_config(self.config, dtype=torch.float32)
-        self.model.to(self.device).train()
+        if not sharded_load:
+            self.model.to(self.device)
+        self.model.train()
         freeze(self.model, t.freeze)
         self.layout = Layout(self.model, recipe.parallel, t.expert_parallel, self.dist)
+        if sharded_load:
+            self.model.to_empty(device=self.device)
+            load_sharded(self.model, recipe.model.init_from)
         self.optimizer, self.qk_clip = build_optimizer(self.model, recipe.optim)
         self.memory: list[RankMemory] | None = None  # every rank's, measured in the first step
         self.schedule = Schedule(**vars(recipe.schedule))
