@@ -59,7 +59,8 @@ class NSStats:
     """What the last step's NS did on this rank (for tests, logs and the benchmark)."""
 
     matrices: int = 0  # 2-D matrices orthogonalized here
-    ns_seconds: float = 0.0
+    ns_seconds: float = 0.0  # wall-clock
+    ns_cpu_seconds: float = 0.0  # CPU time of this process (steadier than wall-clock on a shared machine)
     comm_seconds: float = 0.0
     gathered_bytes: int = 0  # most bytes of whole matrices (owned U and O) this rank held at once
     rounds: int = 0  # all_to_all round trips
@@ -118,10 +119,11 @@ def orthogonalize_sharded(matrices: list[Matrix], ns: NSFn, stats: NSStats) -> l
         groups.setdefault(id(g) if g is not None else 0, (g, []))[1].append(i)
     for group, idx in groups.values():
         if group is None:  # whole matrices here
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i, o in zip(idx, orthogonalize_buckets([(matrices[i].u, matrices[i]) for i in idx], ns), strict=True):
                 out[i] = o
             stats.ns_seconds += time.perf_counter() - t0
+            stats.ns_cpu_seconds += time.process_time() - c0
             stats.matrices += sum(matrices[i].blocks[0] for i in idx)
             continue
         for i, o in zip(idx, _exchange(group, [matrices[i] for i in idx], ns, stats), strict=True):
@@ -163,7 +165,7 @@ def _round(group: dist.ProcessGroup, work: list[tuple[Matrix, int]], wire: torch
     stats.comm_seconds += time.perf_counter() - t0
 
     # the owner stacks each full U from the ranks' rows (rank order = row order) and runs NS
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     parts: dict[int, list[Tensor]] = {i: [] for i in mine}
     for src, chunk in enumerate(recv.split(recv_splits)):
         off = 0
@@ -174,6 +176,7 @@ def _round(group: dist.ProcessGroup, work: list[tuple[Matrix, int]], wire: torch
     full = [(torch.cat(parts[i]), work[i][0]) for i in mine]
     O = orthogonalize_buckets(full, ns)
     stats.ns_seconds += time.perf_counter() - t0
+    stats.ns_cpu_seconds += time.process_time() - c0
     stats.matrices += sum(work[i][0].blocks[0] for i in mine)
     stats.gathered_bytes = max(stats.gathered_bytes, sum(u.nbytes + o.nbytes for (u, _), o in zip(full, O,
                                                                                                   strict=True)))

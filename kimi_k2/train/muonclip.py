@@ -158,9 +158,10 @@ class MuonClip(torch.optim.Optimizer):
         # NS works on the wide orientation [min, max]; matrices of one such shape go through it as one batch
         # (e.g. every expert's gate/up [I, D] and down [D, I]^T)
         matrices = self._momentum(group)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = orthogonalize_buckets([(m.u, m) for m in matrices], _newton_schulz)
         self.ns_stats.ns_seconds += time.perf_counter() - t0
+        self.ns_stats.ns_cpu_seconds += time.process_time() - c0
         self.ns_stats.matrices += sum(m.blocks[0] for m in matrices)
         for m, o in zip(matrices, outs, strict=True):
             self._apply(group, m, o)
