@@ -1,6 +1,7 @@
 """FSDP2 + expert parallelism on 4 gloo ranks (one real torchrun, the checks share its processes) against one process:
 
-- gradients of the global-batch loss (the experts' divide factor), for ep = 1, 2, 4;
+- gradients of the global-batch loss (the experts' divide factor), for ep = 1, 2, 4, and with activation
+  checkpointing;
 - distributed MuonClip (NS of each whole matrix once, by an owner rank) bitwise equal to single-process MuonClip,
   per-head blocks, experts and the AdamW group included, and each matrix orthogonalized exactly once;
 - QK-Clip with per-rank max logits on row-sharded weights whose heads straddle ranks: the same heads, same weights;
@@ -48,7 +49,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def build(ep: int, param_dtype=torch.float32):
+def build(ep: int, param_dtype=torch.float32, activation_checkpointing: bool = False):
     from kimi_k2.config import K2Config
     from kimi_k2.model import K2ForCausalLM
     from kimi_k2.parallel import DistInfo
@@ -61,21 +62,25 @@ def build(ep: int, param_dtype=torch.float32):
     ref = K2ForCausalLM.from_config(config, dtype=torch.float32).train()
     model = copy.deepcopy(ref)
     info = DistInfo(dist.get_rank(), WORLD, dist.get_rank(), torch.device("cpu"))
-    experts = parallelize(model, build_train_mesh(info, WORLD, ep), param_dtype)
+    experts = parallelize(model, build_train_mesh(info, WORLD, ep), param_dtype,
+                          activation_checkpointing=activation_checkpointing)
     return ref, model, experts
 
 
-def check_gradients(ep: int) -> None:
-    ref, model, _ = build(ep)
+def check_gradients(ep: int, activation_checkpointing: bool = False) -> None:
+    ref, model, _ = build(ep, activation_checkpointing=activation_checkpointing)
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(7)
     x = torch.randint(0, ref.config.vocab_size, (2 * WORLD, 12), generator=g)
     y = torch.randint(0, ref.config.vocab_size, (2 * WORLD, 12), generator=g)
     F.cross_entropy(ref(x).flatten(0, 1), y.flatten(), reduction="sum").div(y.numel()).backward()
     mine = slice(2 * rank, 2 * rank + 2)
+    calls = []
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda m, args: calls.append(1))
     # each rank's CE sum scaled by world / (global targets): FSDP's average over ranks gives the global mean
     loss = F.cross_entropy(model(x[mine]).flatten(0, 1), y[mine].flatten(), reduction="sum") * (WORLD / y.numel())
     loss.backward()
+    check(len(calls) == (2 if activation_checkpointing else 1), f"the MoE ran {len(calls)} times")
     refs = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         want = refs[name].grad
@@ -193,6 +198,7 @@ def worker() -> None:
     torch.use_deterministic_algorithms(True)
     for ep in (1, 2, 4):
         check_gradients(ep)
+    check_gradients(2, activation_checkpointing=True)  # the recompute repeats the all-to-alls in backward
     for ep in (2, 4):
         check_muonclip(ep)
     check_mixed_precision()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -30,12 +31,14 @@ from kimi_k2.parallel.world import TrainMesh
 
 
 def parallelize(model: nn.Module, mesh: TrainMesh, param_dtype: torch.dtype = torch.float32,
-                reshard_after_forward: bool = True) -> list[str]:
-    """Make `model` (a materialized K2ForCausalLM) expert parallel and FSDP2-sharded in place -> the names of this
-    rank's routed-expert parameters."""
+                reshard_after_forward: bool = True, activation_checkpointing: bool = False) -> list[str]:
+    """Make `model` (a K2ForCausalLM, materialized or on the meta device) expert parallel and FSDP2-sharded in place
+    -> the names of this rank's routed-expert parameters."""
     local_experts = shard_experts(model, mesh.ep_rank, mesh.ep, mesh.ep_group)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
+        if activation_checkpointing:
+            checkpoint_activations(block)
         if isinstance(block.mlp, ExpertParallelMoE):
             experts = fully_shard(block.mlp.experts, mesh=mesh.efsdp, mp_policy=policy,
                                   reshard_after_forward=reshard_after_forward)
@@ -47,6 +50,20 @@ def parallelize(model: nn.Module, mesh: TrainMesh, param_dtype: torch.dtype = to
         fully_shard(block, mesh=mesh.dp, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh.dp, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return local_experts
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Keep only the block's input for backward and recompute its forward there (torch.utils.checkpoint,
+    non-reentrant). The forward is patched on the instance, so parameter names stay the checkpoint's; the recompute
+    repeats the block's collectives (all-to-all, FSDP all-gathers) on every rank alike."""
+    forward = block.forward
+
+    def checkpointed(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
 
 
 def row_counts(rows: int, world: int) -> list[int]:

@@ -51,7 +51,8 @@ class Layout:
         if self.fsdp:
             self.mesh = build_train_mesh(info, dp_shard, parallel.ep)
             self.param_dtype = resolve_param_dtype(parallel.param_dtype, info.device)
-            self.local_experts = parallelize(model, self.mesh, self.param_dtype, parallel.reshard_after_forward)
+            self.local_experts = parallelize(model, self.mesh, self.param_dtype, parallel.reshard_after_forward,
+                                             parallel.activation_checkpointing)
             self.forward_model = model
         else:
             if expert_parallel and info.enabled:

@@ -104,6 +104,7 @@ class ParallelSection:
     # gradients are reduced in fp32); "auto": bfloat16 on a GPU that has it, else float32
     param_dtype: str = "auto"
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: keep them (ZeRO-2)
+    activation_checkpointing: bool = False  # FSDP2: keep each block's input only, recompute its forward in backward
 
 
 SECTIONS = {
@@ -199,6 +200,8 @@ class Recipe:
                                                          "way; under FSDP2 set [parallel] ep")
         need(par.param_dtype in ("auto", "float32", "bfloat16"),
              f"[parallel] param_dtype {par.param_dtype!r} must be auto, float32 or bfloat16")
+        need(par.dp_shard != 1 or not par.activation_checkpointing,
+             "[parallel] activation_checkpointing is built for FSDP2 (dp_shard > 1 or -1)")
         need(par.dp_shard == 1 or t.dtype == "float32", "[train] dtype = 'bfloat16' (autocast) is the data-parallel "
                                                         "way; under FSDP2 set [parallel] param_dtype")
         self.model.build_config()
