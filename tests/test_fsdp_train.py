@@ -56,6 +56,9 @@ def assert_close_runs(got: list[dict], want: list[dict], rel: float = 1e-4) -> N
     assert [x[:2] for x in a] == [x[:2] for x in b]
     for x, y in zip(a, b, strict=True):
         assert x[2] == pytest.approx(y[2], rel=rel), (x, y)
+    # the aux-loss-free router bias saw the same load, summed over all ranks' tokens: the same balance every step
+    vio = [(r["step"], r["expert_maxvio"]) for r in got if "expert_maxvio" in r]
+    assert vio == [(r["step"], r["expert_maxvio"]) for r in want if "expert_maxvio" in r]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
