@@ -209,7 +209,7 @@ class Trainer:
             s = starts[first + rank] if mine else starts[first]
             x, y = self.val_rows.inputs_and_labels(torch.arange(s, min(s + t.micro_batch, len(self.val_rows))))
             with self.layout.eval_mode(), self.autocast:
-                logits = self.layout.forward_model(x.to(self.device)).detach()
+                logits = self.model(x.to(self.device)).detach()
             if mine:
                 ce += F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
                                       ignore_index=IGNORE_INDEX, reduction="sum").cpu()
