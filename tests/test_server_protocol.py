@@ -132,7 +132,7 @@ def test_openai_plan(compiler):
         "tool_choice": {"type": "function", "function": {"name": "add"}}, "parallel_tool_calls": False,
         "messages": [{"role": "assistant", "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "add", "arguments": "{}"}}] * 2}]})
-    tools, plan, schema = openai_tools(req, openai_messages(req), compiler)
+    tools, plan, schema = openai_tools(req, openai_messages(req), compiler, max_tools=128, max_schema_bytes=1 << 18)
     assert (plan.mode, plan.only, plan.parallel, plan.first_idx) == ("required", "add", False, 2)
     assert tools[0]["function"]["parameters"] == SCHEMAS["add"] and schema is None
 
@@ -154,6 +154,6 @@ def test_anthropic_conversion(compiler):
     assert msgs[2]["content"] == "let me see"
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert msgs[3] == {"role": "tool", "tool_call_id": "toolu_1", "name": "get_weather", "content": "Error: sunny"}
-    tools, plan = anthropic_tools(req, msgs, compiler)
+    tools, plan = anthropic_tools(req, msgs, compiler, max_tools=128, max_schema_bytes=1 << 18)
     assert (plan.mode, plan.parallel, plan.first_idx) == ("required", False, 1)
     assert tools == [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMAS["get_weather"]}}]
