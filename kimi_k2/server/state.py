@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request, Response
@@ -21,37 +20,11 @@ from kimi_k2.engine.async_engine import EngineOverloadedError
 from kimi_k2.server.errors import APIError, engine_failure, pydantic_message
 from kimi_k2.server.generation import Generation, Sample, collect_unless_gone
 from kimi_k2.server.grammar import GrammarCompiler
+from kimi_k2.server.limits import ServerLimits
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 PREP_THREADS = 4  # request preparation (JSON parsing, chat template, tokenization, grammar compilation)
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may ask of the server; `kimi-k2 serve` sets each with a flag (defaults in its --help)."""
-
-    max_request_bytes: int = 8 << 20  # request body (413); a 256k-token conversation is ~1-2 MB of JSON
-    max_stop_sequences: int = 16  # stop / stop_sequences entries (OpenAI allows 4)
-    max_stop_chars: int = 1000  # characters per stop string
-    max_tools: int = 128  # tools per request (OpenAI's documented maximum)
-    max_schema_bytes: int = 256 << 10  # JSON size of a request's tool schemas and response_format schema together
-    max_prompt_tokens: int | None = None  # None: the context minus one token
-    max_queued_requests: int = 256  # requests admitted but not generating yet; beyond it 429 with Retry-After
-    request_timeout_s: float | None = 600.0  # from arrival to the last token (the openai/anthropic clients' default)
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_stop_sequences", "max_stop_chars", "max_tools", "max_schema_bytes",
-                     "max_queued_requests"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name in ("max_stop_sequences", "max_tools") else 1):
-                raise ValueError(f"ServerLimits.{name} must be a positive int, got {v!r}")
-        if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
-                                                   or self.max_prompt_tokens < 1):
-            raise ValueError(f"ServerLimits.max_prompt_tokens must be a positive int or None, got "
-                             f"{self.max_prompt_tokens!r}")
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise ValueError(f"ServerLimits.request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
 class Admission:
