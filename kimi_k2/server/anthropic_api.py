@@ -47,13 +47,12 @@ def stop_reason(f: FinishEvent | None) -> tuple[str, str | None]:
     return STOP_REASONS[f.reason], None
 
 
-def prepare(st: ServerState, body: ap.CountTokensRequest, check_length: bool) -> tuple[list[int], ToolPlan | None]:
+def prepare(st: ServerState, body: ap.CountTokensRequest) -> tuple[list[int], ToolPlan | None]:
     st.check_model(body.model)
     lim = st.limits
     try:
         messages = conversation.anthropic_messages(body)
-        if check_length:
-            st.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        st.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         tools, plan = conversation.anthropic_tools(body, messages, st.compiler, lim.max_tools, lim.max_schema_bytes)
         return st.encode_chat(messages, tools), plan
     except ValueError as e:
@@ -61,9 +60,7 @@ def prepare(st: ServerState, body: ap.CountTokensRequest, check_length: bool) ->
 
 
 def prepare_count(st: ServerState, raw: bytes) -> int:
-    """The whole prompt is tokenized, however long: the count is what the client asks for (bounded by the body
-    size limit)."""
-    prompt, _ = prepare(st, parse_body(ap.CountTokensRequest, raw), check_length=False)
+    prompt, _ = prepare(st, parse_body(ap.CountTokensRequest, raw))
     return len(prompt)
 
 
@@ -77,7 +74,7 @@ async def count_tokens(request: Request) -> dict:
 def prepare_messages(st: ServerState, raw: bytes) -> tuple[ap.MessagesRequest, list[int], ToolPlan | None,
                                                           SamplingParams]:
     body = parse_body(ap.MessagesRequest, raw)
-    prompt, plan = prepare(st, body, check_length=True)
+    prompt, plan = prepare(st, body)
     stop = list(body.stop_sequences or [])
     st.check_stop(stop, "stop_sequences")
     if plan is not None and plan.mode == "required":
