@@ -18,7 +18,14 @@ from kimi_k2.server import conversation
 from kimi_k2.server.errors import APIError, anthropic_error, engine_failure
 from kimi_k2.server.generation import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object
 from kimi_k2.server.grammar import ToolPlan, lark_grammar
-from kimi_k2.server.openapi import GENERATION_ERRORS, AnthropicMessage, RouteDoc, TokenCount, document
+from kimi_k2.server.openapi import (
+    GENERATION_ERRORS,
+    AnthropicMessage,
+    AnthropicStreamEvent,
+    RouteDoc,
+    TokenCount,
+    document,
+)
 from kimi_k2.server.state import (
     ServerState,
     account,
@@ -32,7 +39,7 @@ from kimi_k2.server.state import (
 
 router = APIRouter()
 document("post", "/v1/messages",
-         RouteDoc("anthropic", ap.MessagesRequest, AnthropicMessage, stream=True, errors=GENERATION_ERRORS))
+         RouteDoc("anthropic", ap.MessagesRequest, AnthropicMessage, AnthropicStreamEvent, GENERATION_ERRORS))
 document("post", "/v1/messages/count_tokens",
          RouteDoc("anthropic", ap.CountTokensRequest, TokenCount, errors=(400, 401, 404, 413, 429)))
 TEMPERATURE_SCALE = 0.6

@@ -26,7 +26,15 @@ from kimi_k2.server.generation import (
     ToolEvent,
 )
 from kimi_k2.server.grammar import ToolPlan, lark_grammar
-from kimi_k2.server.openapi import GENERATION_ERRORS, ChatCompletion, ModelList, RouteDoc, TextCompletion, document
+from kimi_k2.server.openapi import (
+    GENERATION_ERRORS,
+    ChatCompletion,
+    ModelList,
+    OpenAIStreamEvent,
+    RouteDoc,
+    TextCompletion,
+    document,
+)
 from kimi_k2.server.state import (
     ServerState,
     account,
@@ -40,9 +48,9 @@ from kimi_k2.server.state import (
 
 router = APIRouter()
 document("post", "/v1/chat/completions",
-         RouteDoc("openai", op.ChatCompletionRequest, ChatCompletion, stream=True, errors=GENERATION_ERRORS))
+         RouteDoc("openai", op.ChatCompletionRequest, ChatCompletion, OpenAIStreamEvent, GENERATION_ERRORS))
 document("post", "/v1/completions",
-         RouteDoc("openai", op.CompletionRequest, TextCompletion, stream=True, errors=GENERATION_ERRORS))
+         RouteDoc("openai", op.CompletionRequest, TextCompletion, OpenAIStreamEvent, GENERATION_ERRORS))
 document("get", "/v1/models", RouteDoc("openai", ok=ModelList, errors=(401,)))
 
 

@@ -140,6 +140,21 @@ class TokenCount(BaseModel):
     input_tokens: int
 
 
+class OpenAIStreamEvent(BaseModel):
+    """One server-sent event: a JSON chunk (chat.completion.chunk / text_completion), an `error`, or `[DONE]`."""
+
+    event: Literal["message"]
+    data: str
+
+
+class AnthropicStreamEvent(BaseModel):
+    """One server-sent event: `data` is the JSON object of that `event` type."""
+
+    event: Literal["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+                   "message_delta", "message_stop", "error"]
+    data: str
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     models: list[str]
@@ -162,7 +177,7 @@ class RouteDoc:
     api: Literal["openai", "anthropic", "open"]
     body: type[BaseModel] | None = None
     ok: type[BaseModel] | None = None
-    stream: bool = False  # 200 may also be text/event-stream
+    stream: type[BaseModel] | None = None  # with `stream: true`, 200 is text/event-stream of these events
     errors: tuple[int, ...] = ()
     ok_media: str = "application/json"
 
@@ -177,8 +192,8 @@ def document(method: str, path: str, doc: RouteDoc) -> None:
 def _response(doc: RouteDoc, status: int, refs: dict) -> dict:
     if status == 200:
         content: dict = {doc.ok_media: {"schema": refs[doc.ok] if doc.ok else {"type": "string"}}}
-        if doc.stream:
-            content["text/event-stream"] = {"schema": {"type": "string"}}
+        if doc.stream is not None:
+            content["text/event-stream"] = {"schema": refs[doc.stream]}  # OpenAPI 3.1: the schema of each event
         return {"description": "OK (`stream: true`: server-sent events)" if doc.stream else "OK", "content": content}
     error = AnthropicError if doc.api == "anthropic" else OpenAIError
     out: dict = {"description": ERRORS[status], "content": {"application/json": {"schema": refs[error]}}}
@@ -194,11 +209,17 @@ def openapi_schema(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-    models = {OpenAIError, AnthropicError} | {m for d in ROUTES.values() for m in (d.body, d.ok) if m is not None}
+    models = {OpenAIError, AnthropicError} | {m for d in ROUTES.values() for m in (d.body, d.ok, d.stream)
+                                              if m is not None}
     ordered = sorted(models, key=lambda m: m.__qualname__)
     keyed, defs = models_json_schema([(m, "validation") for m in ordered], ref_template="#/components/schemas/{model}")
     refs = {m: keyed[(m, "validation")] for m in ordered}
-    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    components = defs.get("$defs", {})
+    for doc in ROUTES.values():  # `model` is one of the names this server serves
+        if doc.body is not None:
+            name = refs[doc.body]["$ref"].rsplit("/", 1)[1]
+            components[name]["properties"]["model"]["enum"] = list(app.state.k2.model_names)
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
             doc = ROUTES.get((method, path))
