@@ -41,6 +41,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
                         "where it applies, float32 weights; otherwise eager, logged)")
     p.add_argument("--log-level", default="info")
+    # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
+    from kimi_k2.server.limits import ServerLimits as L
+
+    p.add_argument("--max-request-bytes", type=int, default=L.max_request_bytes,
+                   help="request body size limit, answered 413 before reading, as nginx client_max_body_size "
+                        "(default %(default)s)")
+    p.add_argument("--max-stop-sequences", type=int, default=L.max_stop_sequences,
+                   help="stop strings per request (default %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=L.max_stop_chars,
+                   help="characters per stop string (default %(default)s)")
+    p.add_argument("--max-tools", type=int, default=L.max_tools, help="tools per request (default %(default)s)")
+    p.add_argument("--max-schema-bytes", type=int, default=L.max_schema_bytes,
+                   help="JSON size of a request's tool and response_format schemas together (default %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens (default: the context - 1)")
+    p.add_argument("--max-queued-requests", type=int, default=L.max_queued_requests,
+                   help="requests waiting to start; more are answered 429 with Retry-After (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=L.request_timeout_s, metavar="SECONDS",
+                   help="per-request time limit, arrival to last token; past it 504 or a stream error (0: none; "
+                        "default %(default)s)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (as vLLM does); by default --api-key protects it too")
+
+
+def server_limits(args: argparse.Namespace):
+    from kimi_k2.server.limits import ServerLimits
+
+    return ServerLimits(max_request_bytes=args.max_request_bytes, max_stop_sequences=args.max_stop_sequences,
+                        max_stop_chars=args.max_stop_chars, max_tools=args.max_tools,
+                        max_schema_bytes=args.max_schema_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout or None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
     if args.quantization and args.ep is not None:
         raise UsageError("--quantization is not supported with --ep")
+    if args.api_key == "":
+        where = "KIMI_K2_API_KEY is set but empty" if os.environ.get("KIMI_K2_API_KEY") == "" else "--api-key is empty"
+        raise UsageError(f"{where}: give a key, or unset it to serve without one")
+    try:
+        server_limits(args)  # bad limit values fail before the model loads
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     d = model_dir(args.model)
     if not (d / "tiktoken.model").is_file():
         raise CommandError(f"{d} has no tokenizer (tiktoken.model): serve a directory with the model's tokenizer")
@@ -78,8 +115,10 @@ def serve(args: argparse.Namespace, d: Path, engine) -> int:
     from kimi_k2.server.state import ServerState
 
     names = args.served_model_name or [d.resolve().name]
-    state = ServerState(AsyncLLMEngine(engine), engine.tokenizer, names, engine.model_config.vocab_size,
-                        args.api_key, args.default_max_tokens)
+    limits = server_limits(args)
+    state = ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), engine.tokenizer, names,
+                        engine.model_config.vocab_size, args.api_key, args.default_max_tokens, limits,
+                        args.public_metrics)
     uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
