@@ -69,10 +69,23 @@ def barrier(info: DistInfo, group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group=group)
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(timeout: timedelta = timedelta(seconds=60)) -> None:
+    """Leave the process group, if this process joined one, once every rank has come to leave it.
+
+    Ranks that tear their gloo/NCCL communicators down while a peer still talks to them can abort in C++ ("terminate
+    called without an active exception"), so the ranks meet first; a peer that never comes (it crashed) is waited for
+    `timeout` (gloo's monitored barrier), then left behind.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout)
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer is gone: nothing left to wait for
+    dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
