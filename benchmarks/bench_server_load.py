@@ -128,7 +128,7 @@ def main() -> int:
         if url is None:
             model_dir = Path(args.model) if args.model else build_model(Path(tmp) / "model", args.preset)
             port = free_port()
-            env = {**os.environ, "KIMI_K2_API_KEY": ""}
+            env = {k: v for k, v in os.environ.items() if k != "KIMI_K2_API_KEY"}  # serve without a key
             proc = subprocess.Popen([sys.executable, "-m", "kimi_k2.cli", "serve", "--model", str(model_dir), "--port",
                                      str(port), "--served-model-name", model, "--max-num-seqs", str(args.clients),
                                      "--log-level", "warning"], env=env)

@@ -415,4 +415,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                       "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
+    # CPU benchmarks against llama.cpp and vLLM-CPU (benchmarks/cpu_peers/): 287M parameters (94M read per decoded
+    # token: the weights, not per-op overhead, dominate a step), 8 layers (1 dense + 7 MoE, 64 routed experts top-6 +
+    # 1 shared), K2's per-head dims and its real 576-wide MLA latent (kv_lora_rank 512 + rope 64, which vLLM-CPU's MLA
+    # kernel requires), vocab 32768 (room for the k2-nano tokenizer's 6400 ids, whose [BOS]/[EOS] ids it uses)
+    "k2-medium": _small(
+        vocab_size=32768, bos_token_id=6144, eos_token_id=6145, hidden_size=1024, intermediate_size=2816,
+        moe_intermediate_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=512,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        num_experts_per_tok=6, max_position_embeddings=4096,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
 }

@@ -16,7 +16,7 @@ from kimi_k2.config import K2Config
 from kimi_k2.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.server.app import build_app
-from kimi_k2.server.state import ServerState
+from kimi_k2.server.state import ServerLimits, ServerState
 from kimi_k2.tokenizer import Tokenizer
 
 MODEL = "kimi-k2-test"
@@ -37,11 +37,13 @@ def make_model_dir(tokenizer_dir: Path, out: Path) -> Path:
 
 
 def make_state(model_dir: Path, api_key: str | None = API_KEY, default_max_tokens: int | None = 48,
-               **engine_kw) -> ServerState:
+               limits: ServerLimits | None = None, public_metrics: bool = False, **engine_kw) -> ServerState:
     model = K2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = Tokenizer.from_pretrained(model_dir)
     engine = LLMEngine(model, tok, EngineConfig(**{"memory_budget_bytes": 1 << 25, **engine_kw}))
-    return ServerState(AsyncLLMEngine(engine), tok, ALIASES, model.config.vocab_size, api_key, default_max_tokens)
+    limits = limits or ServerLimits()
+    return ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), tok, ALIASES, model.config.vocab_size,
+                       api_key, default_max_tokens, limits, public_metrics)
 
 
 def free_port() -> int:

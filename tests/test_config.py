@@ -67,3 +67,33 @@ def test_missing_model_type_and_unknown_preset():
 def test_moe_layer_rule():
     cfg = K2Config.from_preset("kimi-k2-instruct")
     assert not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, 61))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips(name):
+    cfg = K2Config.from_preset(name)
+    assert K2Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.bos_token_id < cfg.vocab_size and all(i < cfg.vocab_size for i in cfg.eos_token_ids)
+
+
+def test_k2_medium_is_a_weight_bound_k2_shape():
+    """The CPU-peer benchmark preset: 100-300M parameters, K2's 576-wide latent (vLLM-CPU's MLA kernel needs it)."""
+    import torch
+
+    from kimi_k2.model import K2ForCausalLM
+
+    cfg = K2Config.from_preset("k2-medium")
+    assert cfg.kv_lora_rank + cfg.qk_rope_head_dim == 576
+    assert (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (128, 64, 128)  # K2's per-head dims
+    assert not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, cfg.num_hidden_layers))
+    assert cfg.vocab_size >= 6400  # the k2-nano tokenizer (benchmarks/cpu_peers writes its vocabulary into GGUFs)
+    with torch.device("meta"):
+        model = K2ForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    embedding = cfg.vocab_size * cfg.hidden_size  # looked up, not read whole
+    read_per_token = total - routed - embedding + moe_layers * cfg.num_experts_per_tok * per_expert
+    assert 100e6 <= total <= 300e6
+    assert read_per_token > 50e6  # ~94M weights read per decoded token: memory traffic, not op dispatch, dominates

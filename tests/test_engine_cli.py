@@ -92,7 +92,7 @@ def test_bench_cli_prints_rates(capsys):
 
 
 def test_generate_cli_compile(capsys):
-    assert main(["generate", "k2-tiny", "--ids", "3 4 5", "--compile"]) == 2  # bfloat16 by default
+    assert main(["generate", "k2-tiny", "--ids", "3 4 5", "--compile", "--dtype", "bfloat16"]) == 2
     assert "float32" in capsys.readouterr().err
     args = ["generate", "k2-tiny", "--ids", "3 4 5", "--max-tokens", "4", "--temperature", "0", "--dtype", "float32",
             "--json"]

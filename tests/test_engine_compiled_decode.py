@@ -6,14 +6,18 @@ The default run compiles once (k2-tiny, ~15-30 s on a 2-core CPU); the config va
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from model_fixtures import random_tiny_model
 
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
+from kimi_k2.engine.compiled_decode import CompiledDecoder
 from kimi_k2.engine.model_runner import ModelRunner
 from kimi_k2.engine.paged_cache import Row
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.quantized import quantize_model
 
 PROMPT_LENGTHS = (1, 15, 16, 17, 37)  # page boundaries (page 16) and a 1-token prompt
 
@@ -71,14 +75,33 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
     torch.testing.assert_close(latents, reference_latents, rtol=0, atol=1e-5)
 
 
-def test_compile_decode_rejects_unsupported_models() -> None:
+def test_compile_decode_falls_back_to_eager_for_unsupported_models(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="compile_decode must be a bool"):
         EngineConfig(compile_decode="yes")
-    with pytest.raises(ValueError, match="float32"):
-        _engine(random_tiny_model().to(torch.bfloat16), True)
-    with pytest.raises(ValueError, match="float32 latent cache"):
-        LLMEngine(random_tiny_model(), config=EngineConfig(num_pages=8, max_model_len=64, compile_decode=True,
-                                                dtype=torch.bfloat16))
+    quantized = random_tiny_model()
+    quantize_model(quantized, "int8")
+    cases = [(random_tiny_model().to(torch.bfloat16), None, "float32 models only"),
+             (quantized, None, "is int8"),
+             (random_tiny_model(), torch.bfloat16, "float32 latent cache")]
+    for model, cache_dtype, reason in cases:
+        caplog.clear()
+        config = EngineConfig(num_pages=8, max_model_len=64, compile_decode=True, dtype=cache_dtype)
+        with caplog.at_level(logging.WARNING, logger="kimi_k2.engine.model_runner"):
+            engine = LLMEngine(model, config=config)
+        assert engine.runner.decoder is None
+        assert "compiled decode off" in caplog.text and reason in caplog.text
+        out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(out[0][0].token_ids) == 3
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledDecoder, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="kimi_k2.engine.model_runner"):
+        engine = _engine(random_tiny_model(), True)
+    assert engine.runner.decoder is None and "torch.compile failed: no C++ compiler" in caplog.text
 
 
 @pytest.mark.slow

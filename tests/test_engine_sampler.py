@@ -21,8 +21,8 @@ def seqs_for(*params, completion=()):
 
 def test_greedy_is_argmax():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
-    tokens, lps = sample(logits.clone(), seqs_for(*[SamplingParams(temperature=0)] * 5))
-    assert tokens == logits.argmax(-1).tolist() and lps == [None] * 5
+    tokens, lps, errors = sample(logits.clone(), seqs_for(*[SamplingParams(temperature=0)] * 5))
+    assert tokens == logits.argmax(-1).tolist() and lps == [None] * 5 and errors == [None] * 5
 
 
 def test_filters_keep_the_expected_sets():
@@ -49,7 +49,7 @@ def test_sampled_frequencies_match_the_distribution():
     counts = torch.zeros(4)
     draws = 4000
     for _ in range(draws):
-        tok, _ = sample(probs.log()[None].clone(), s)
+        tok, _, _ = sample(probs.log()[None].clone(), s)
         counts[tok[0]] += 1
     freq = counts / draws
     assert torch.allclose(freq, probs, atol=0.03), freq
@@ -77,13 +77,13 @@ def test_seed_is_independent_of_batch_neighbours():
 def test_presence_and_frequency_penalties():
     logits = torch.zeros(1, 6)
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_constraints_and_penalties(logits, seqs_for(p, completion=[2, 2, 3]))
-    assert out[0].tolist() == pytest.approx([0, 0, -(0.5 + 0.5), -(0.5 + 0.25), 0, 0])
+    assert apply_constraints_and_penalties(logits, seqs_for(p, completion=[2, 2, 3])) == [None]
+    assert logits[0].tolist() == pytest.approx([0, 0, -(0.5 + 0.5), -(0.5 + 0.25), 0, 0])
 
 
 def test_logprobs_and_top_logprobs():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    tokens, lps = sample(logits.clone(), seqs_for(SamplingParams(temperature=0, logprobs=2)))
+    tokens, lps, _ = sample(logits.clone(), seqs_for(SamplingParams(temperature=0, logprobs=2)))
     ref = logits.log_softmax(-1)[0]
     lp = lps[0]
     assert tokens == [1] and lp.token_id == 1 and lp.logprob == pytest.approx(float(ref[1]))
@@ -113,14 +113,24 @@ def test_constraint_masks_greedy_and_random():
     logits[:, 1] = 10.0  # odd favourite
     batch = seqs_for(SamplingParams(temperature=0, constraint=OnlyEven), SamplingParams(seed=0, constraint=OnlyEven))
     for _ in range(20):
-        tokens, _ = sample(logits.clone(), batch)
+        tokens, _, _ = sample(logits.clone(), batch)
         assert all(t % 2 == 0 for t in tokens)
 
 
-def test_constraint_that_allows_nothing_is_an_error():
+def test_a_failing_constraint_fails_only_its_own_sequence():
     class Nothing(OnlyEven):
         def allowed(self):
             return torch.zeros(10, dtype=torch.bool)
 
-    with pytest.raises(ValueError, match="allows no token"):
-        sample(torch.zeros(1, 10), seqs_for(SamplingParams(constraint=Nothing)))
+    class Broken(OnlyEven):
+        def allowed(self):
+            raise RuntimeError("grammar engine error")
+
+    logits = torch.zeros(4, 10)
+    logits[:, 3] = 5.0
+    batch = seqs_for(SamplingParams(temperature=0), SamplingParams(constraint=Nothing),
+                     SamplingParams(temperature=0, constraint=OnlyEven), SamplingParams(constraint=Broken))
+    tokens, _, errors = sample(logits, batch)
+    assert errors[0] is None and errors[2] is None
+    assert "allows no token" in errors[1] and "grammar engine error" in errors[3]
+    assert tokens[0] == 3 and tokens[2] % 2 == 0

@@ -9,6 +9,8 @@ from model_fixtures import random_tiny_model
 
 from kimi_k2.model.decode import DecodeStep, check_decode_model, decode_weights
 from kimi_k2.model.dense_cache import DenseLatentCache
+from kimi_k2.ops.layout import stack_parameters
+from kimi_k2.ops.quantize import quantize_linears
 
 VARIANTS = {
     "q-lora": {},
@@ -54,19 +56,28 @@ def test_decode_step_equals_model(variant: str) -> None:
             torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
 
 
-def test_decode_weights_follow_weight_updates() -> None:
+def test_stacked_experts_are_views_of_the_model() -> None:
+    """After `stack_parameters` the [E, ...] stacks DecodeStep reads are the experts' own memory: no copy, so an
+    in-place update of one expert is what the next step reads, and the state_dict keeps its names and values."""
     model = random_tiny_model()
+    moe = model.model.layers[1].mlp
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stack_parameters([getattr(e, proj) for e in moe.experts], "weight")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    gate, up, down = decode_weights(model)["layers"][1]["experts"]
+    assert gate.data_ptr() == moe.experts[0].gate_proj.weight.data_ptr()
     with torch.no_grad():
-        before = decode_weights(model)["layers"][1]["experts_gate_up"].clone()
-        model.model.layers[1].mlp.experts[3].up_proj.weight.mul_(2.0)
-        after = decode_weights(model)["layers"][1]["experts_gate_up"]
-    inter = model.config.moe_intermediate_size
-    torch.testing.assert_close(after[3, inter:], 2 * before[3, inter:])
-    torch.testing.assert_close(after[:3], before[:3])
-    assert not any("stacked" in k for k in model.state_dict())
+        moe.experts[3].up_proj.weight.mul_(2.0)
+    torch.testing.assert_close(up[3], 2 * before["model.layers.1.mlp.experts.3.up_proj.weight"])
+    assert stack_parameters([e.up_proj for e in moe.experts], "weight").data_ptr() == up.data_ptr()  # already stacked
 
 
 def test_check_decode_model_rejects_what_it_cannot_run() -> None:
     check_decode_model(random_tiny_model())
     with pytest.raises(ValueError, match="float32 models only.*bfloat16"):
         check_decode_model(random_tiny_model().to(torch.bfloat16))
+    model = random_tiny_model()
+    quantize_linears(model.model.layers[0], "int8")
+    with pytest.raises(ValueError, match="float32 weights only; model.layers.0.self_attn.q_a_proj is int8"):
+        check_decode_model(model)

@@ -273,6 +273,7 @@ def test_mla_decode_reference_is_the_models_latent_attention() -> None:
     # MLA._attend_latent for one decode token per sequence (different lengths through its additive mask)
     from kimi_k2.config import K2Config
     from kimi_k2.model.attention import MLA
+    from kimi_k2.model.functional import absorb
 
     config = K2Config.from_preset("k2-tiny")
     torch.manual_seed(0)
@@ -288,7 +289,7 @@ def test_mla_decode_reference_is_the_models_latent_attention() -> None:
     mask = torch.zeros(2, 1, T).masked_fill_(t[None, None] >= lens[:, None, None], float("-inf"))
     with torch.no_grad():
         want = mla._attend_latent(q_nope, q_pe, c_all, kpe_all, mask)[:, 0]  # [B, H, v]
-        w_uk, w_uv_t = mla._absorbed()
+        w_uk, w_uv_t = absorb(mla.kv_b_proj.weight, H, config.qk_nope_head_dim)
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk)
         o_lat = mla_decode_reference(q_lat, q_pe[:, 0], latent, tables, lens, page, config.softmax_scale)
         got = torch.einsum("bhc,hcv->bhv", o_lat, w_uv_t)

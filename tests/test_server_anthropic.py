@@ -114,9 +114,9 @@ def test_temperature_is_scaled(server, client, monkeypatch):
     seen = []
     real = state.engine.generate
 
-    def spy(prompt, params, request_id=None):
+    def spy(prompt, params, **kw):
         seen.append(params.temperature)
-        return real(prompt, params, request_id=request_id)
+        return real(prompt, params, **kw)
 
     monkeypatch.setattr(state.engine, "generate", spy)
     client.messages.create(model=MODEL, max_tokens=2, messages=ASK, extra_body={"temperature": 0.5})

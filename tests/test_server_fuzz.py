@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the served OpenAPI schema (schemathesis): no request, valid or not, gets a 5xx.
+"""Property-based fuzzing of the served OpenAPI schema (schemathesis): no request, valid or not, gets a 5xx, and
+every answer conforms to the schema (documented status, content type, headers and body).
 
 The default run is bounded (6 examples per operation, ~40 in all); `--run-slow` runs a bigger one.
 """
@@ -10,6 +11,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from server_fixtures import API_KEY, ServerThread, make_model_dir, make_state
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -31,6 +38,8 @@ def api_schema(server):
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
 
 
 def test_openapi_schema_lists_every_endpoint(server):
@@ -43,11 +52,11 @@ def test_openapi_schema_lists_every_endpoint(server):
 @schema.parametrize()
 @settings(max_examples=6, **SETTINGS)
 def test_fuzz_no_server_errors(case):
-    case.call_and_validate(headers=AUTH, checks=[not_a_server_error], timeout=60)
+    case.call_and_validate(headers=AUTH, checks=CHECKS, timeout=60)
 
 
 @pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=150, **SETTINGS)
 def test_fuzz_no_server_errors_long(case):
-    case.call_and_validate(headers=AUTH, checks=[not_a_server_error], timeout=60)
+    case.call_and_validate(headers=AUTH, checks=CHECKS, timeout=60)

@@ -220,7 +220,7 @@ def test_models_health_metrics(server, client):
     assert httpx.get(url + "/health").json()["status"] == "ok"
     client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
     httpx.get(url + "/v1/no/such/path", headers={"Authorization": f"Bearer {API_KEY}"})
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert 'kimi_k2_requests_total{path="other",status="404"}' in text and "no/such" not in text
     assert 'kimi_k2_requests_total{path="/v1/chat/completions",status="200"}' in text
     for name in ("kimi_k2_prompt_tokens_total", "kimi_k2_generation_tokens_total", "kimi_k2_engine_waiting",
@@ -289,5 +289,5 @@ def test_serve_cli_without_model_says_how_to_get_one(tmp_path, capsys):
 def test_serve_cli_compile_needs_float32(capsys):
     from kimi_k2.cli import main
 
-    assert main(["serve", "--compile"]) == 2  # the default --dtype is bfloat16
+    assert main(["serve", "--compile", "--dtype", "bfloat16"]) == 2
     assert "--compile needs --dtype float32" in capsys.readouterr().err

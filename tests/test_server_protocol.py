@@ -132,7 +132,7 @@ def test_openai_plan(compiler):
         "tool_choice": {"type": "function", "function": {"name": "add"}}, "parallel_tool_calls": False,
         "messages": [{"role": "assistant", "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "add", "arguments": "{}"}}] * 2}]})
-    tools, plan, schema = openai_tools(req, openai_messages(req), compiler)
+    tools, plan, schema = openai_tools(req, openai_messages(req), compiler, max_tools=128, max_schema_bytes=1 << 18)
     assert (plan.mode, plan.only, plan.parallel, plan.first_idx) == ("required", "add", False, 2)
     assert tools[0]["function"]["parameters"] == SCHEMAS["add"] and schema is None
 
@@ -154,6 +154,89 @@ def test_anthropic_conversion(compiler):
     assert msgs[2]["content"] == "let me see"
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert msgs[3] == {"role": "tool", "tool_call_id": "toolu_1", "name": "get_weather", "content": "Error: sunny"}
-    tools, plan = anthropic_tools(req, msgs, compiler)
+    tools, plan = anthropic_tools(req, msgs, compiler, max_tools=128, max_schema_bytes=1 << 18)
     assert (plan.mode, plan.parallel, plan.first_idx) == ("required", False, 1)
     assert tools == [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMAS["get_weather"]}}]
+
+
+RECURSIVE = {  # (schema, has a finite value)
+    "ref to itself": ({"$ref": "#"}, False),
+    "two-step $ref cycle": ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+                            False),
+    "object that requires a child": ({"type": "object", "properties": {"child": {"$ref": "#"}},
+                                      "required": ["child"]}, False),
+    "array of at least one of itself": ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, False),
+    "required child, both branches recursive": ({"anyOf": [{"type": "object", "required": ["a"],
+                                                            "properties": {"a": {"$ref": "#"}}}, {"$ref": "#"}]},
+                                                False),
+    "optional child": ({"type": "object", "properties": {"child": {"$ref": "#"}}}, True),
+    "tree with a possibly empty list of children": ({"$defs": {"n": {
+        "type": "object", "required": ["kids"], "properties": {"kids": {"type": "array",
+                                                                        "items": {"$ref": "#/$defs/n"}}}}},
+        "$ref": "#/$defs/n"}, True),
+    "linked list ending in null": ({"type": "object", "required": ["next"], "properties": {
+        "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}, True),
+    "untyped: any string is a value": ({"properties": {"c": {"$ref": "#"}}, "required": ["c"]}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURSIVE))
+def test_schemas_without_a_finite_value_are_rejected(compiler, tok, name):
+    """Issue 18: these compiled, and decoding then produced `{"` or nothing; now the schema is a 400 naming it."""
+    schema, finite = RECURSIVE[name]
+    if finite:
+        compiler.check_schema(schema, "tools[0] (f) schema")
+        text, done = walk(compiler, tok, lark_grammar(None, schema), 0, steps=300)
+        if done:
+            json.loads(text)
+    else:
+        with pytest.raises(ValueError, match=r"tools\[0\] \(f\) schema cannot be satisfied by any finite JSON value"):
+            compiler.check_schema(schema, "tools[0] (f) schema")
+
+
+def test_grammar_cache_is_safe_across_threads(tok):
+    """The request threads and the engine thread share the LRU cache: with eviction on every call, unlocked
+    get/move_to_end raised KeyError (issue 18)."""
+    import threading
+
+    c = GrammarCompiler(tok, tok.n_vocab, cache_size=1)
+    schemas = [{"type": "integer", "minimum": i} for i in range(3)]
+    errors = []
+
+    def work(k):
+        try:
+            for j in range(400):
+                assert c.validates(schemas[(j + k) % 3], "7")
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_constraint_never_compiles_on_the_engine_thread(tok, monkeypatch):
+    """The factory the engine calls (once per sample) copies the matcher compiled at request time, even after the
+    cache evicted it: no compilation on the engine thread."""
+    import llguidance
+
+    c = GrammarCompiler(tok, tok.n_vocab, cache_size=1)
+    factory = c.constraint(lark_grammar(None, {"type": "integer"}))
+    c.check_schema({"type": "string"}, "evicts the first")
+    built = []
+    real = llguidance.LLMatcher
+
+    class Counting:
+        def __call__(self, *a, **kw):
+            built.append(1)
+            return real(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counting())
+    g = factory()
+    assert built == [] and g.allowed().any()

@@ -1,4 +1,5 @@
 import os
+import pickle
 import random
 
 import numpy as np
@@ -58,27 +59,38 @@ def test_keep_last_prunes_and_latest_ignores_temp_dirs(tmp_path):
 def test_failure_mid_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     model, opt = make()
     ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
-    real_save = torch.save
-    calls = []
+    real_write = ck.write_files
 
-    def failing_save(obj, f):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError("disk full")
-        real_save(obj, f)
+    def failing_write(folder, files):  # the sharded tensors are written, then the disk fills up
+        assert any(f.suffix == ".distcp" for f in folder.iterdir())
+        raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(ck, "write_files", failing_write)
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=3)
+    monkeypatch.setattr(ck, "write_files", real_write)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
-    assert sorted(os.listdir(tmp_path / "checkpoints" / "step_00000001")) == ["model.pt", "optimizer.pt", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "step_00000001")) == [".metadata", "__0_0.distcp", "state.pt"]
+    ck.remove_interrupted(tmp_path)  # what the next run does first
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000001"]
 
 
 def test_incomplete_checkpoint_dir_is_an_error(tmp_path):
     (tmp_path / "step").mkdir()
     model, opt = make()
-    with pytest.raises(FileNotFoundError, match="model.pt"):
+    with pytest.raises(FileNotFoundError, match=r"incomplete: it needs .metadata and state.pt"):
         ck.load_checkpoint(tmp_path / "step", model, opt)
+    (tmp_path / "step" / "model.pt").touch()
+    with pytest.raises(FileNotFoundError, match="earlier kimi-k2"):
+        ck.load_checkpoint(tmp_path / "step", model, opt)
+
+
+def test_a_checkpoint_of_another_model_names_the_missing_tensors(tmp_path):
+    model, opt = make()
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"lacks 2 tensors of this model, e.g. \['model/2.weight'"):
+        ck.load_checkpoint(path, other)
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
@@ -131,3 +143,22 @@ def test_remove_interrupted_drops_temp_folders_and_puts_a_moved_checkpoint_back(
     ck.remove_interrupted(tmp_path)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_a_crafted_metadata_pickle_is_refused_unopened(tmp_path):
+    model, opt = make()
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    marker = tmp_path / "code-ran"
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(RunsCode(marker), f)
+    with pytest.raises(ValueError, match="holds objects other than DCP metadata"):
+        ck.load_checkpoint(path, model, opt)
+    assert not marker.exists()
+
+
+def test_read_model_state_gives_the_full_tensors(tmp_path):
+    model, opt = make()
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    got = ck.read_model_state(path)
+    assert got.keys() == model.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())

@@ -46,6 +46,13 @@ def test_overrides_parse_toml_values(tmp_path):
         ("[optim]\nname = 'sgd'", "sgd"),
         ("[schedule]\nkind = 'cosine'\n[train]\ndtype = 'float16'", "float16"),
         ("[train]\nkeep_last = 0", "keep_last"),
+        ("[parallel]\nep = 2", r"ep > 1 needs FSDP2 \(dp_shard > 1 or -1\)"),
+        ("[parallel]\ndp_shard = 0", "dp_shard must be >= 1, or -1"),
+        ("[parallel]\ndp_shard = 4\nparam_dtype = 'fp16'", "param_dtype 'fp16'"),
+        ("[parallel]\ndp_shard = 4\n[train]\nexpert_parallel = true", "under FSDP2 set \\[parallel\\] ep"),
+        ("[parallel]\ndp_shard = -1\n[train]\ndtype = 'bfloat16'", "set \\[parallel\\] param_dtype"),
+        ("[parallel]\ntp = 2", "tp"),
+        ("[parallel]\nactivation_checkpointing = true", "built for FSDP2"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, extra, word):
@@ -79,3 +86,11 @@ def test_shipped_recipes_parse(path):
             Recipe.from_toml(path)
     else:
         Recipe.from_toml(path)
+
+
+def test_parallel_section_defaults_to_data_parallel(tmp_path):
+    r = Recipe.from_toml(write(tmp_path, MINIMAL))
+    assert (r.parallel.dp_shard, r.parallel.ep, r.parallel.param_dtype) == (1, 1, "auto")
+    r = Recipe.from_toml(write(tmp_path, MINIMAL + "[parallel]\ndp_shard = -1\nep = 4\nparam_dtype = 'bfloat16'"))
+    assert r.to_dict()["parallel"] == {"dp_shard": -1, "ep": 4, "param_dtype": "bfloat16",
+                                       "reshard_after_forward": True, "activation_checkpointing": False}

@@ -15,6 +15,7 @@ import torch
 
 from kimi_k2.checkpoint import ShardWriter
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.train.checkpointing import read_model_state
 from kimi_k2.train.plot import plot_runs
 from kimi_k2.train.recipe import Recipe
 from kimi_k2.train.trainer import Trainer
@@ -59,8 +60,7 @@ def read_log(run: Path) -> list[dict]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    ckpt = sorted((run / "checkpoints").iterdir())[-1]
-    return torch.load(ckpt / "model.pt", weights_only=True)
+    return read_model_state(sorted((run / "checkpoints").iterdir())[-1])
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -29,20 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random weights of a preset and the random prompts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--page-size", type=positive_int, default=16)
-    parser.add_argument("--compile", action="store_true",
-                        help="single-stream decode through one torch.compile'd graph (float32; compiles first)")
     parser.add_argument("--json", action="store_true", help="one JSON object per batch size instead of a table")
+    # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
+    parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
+                        help="projections as int8 or fp16 weights; everything else fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="single-stream decode through one torch.compile'd graph, compiled before timing "
+                             "(float32 weights; otherwise eager, logged)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.output_len < 2:
         raise UsageError("--output-len must be >= 2 (the first token ends the prefill)")
-    if args.compile and args.dtype != "float32":
-        raise UsageError("--compile needs --dtype float32")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config(args.model)  # a missing model: say what to pass
-    model = load_model(args.model, getattr(torch, args.dtype), args.seed)
+    model = load_model(args.model, getattr(torch, args.dtype), args.seed, quantization=args.quantization)
     max_len = args.input_len + args.output_len
     batch = max(args.batch_size)
     pages = -(-max_len // args.page_size) * batch
@@ -50,17 +53,19 @@ def run(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=max(2048, args.input_len), enable_prefix_caching=False,
                           compile_decode=args.compile)
     start = time.perf_counter()
-    measure(LLMEngine(model, config=config), 1, min(args.input_len, 16), 2, args.seed)  # warm-up (and the compile)
-    if args.compile:
-        print(f"compile_decode: warm-up with the compile took {time.perf_counter() - start:.1f} s")
+    engine = LLMEngine(model, config=config)  # compiles the decode step when it applies
+    if engine.runner.decoder is not None:
+        print(f"compile_decode: start-up with the compile took {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    measure(engine, 1, min(args.input_len, 16), 2, args.seed)  # warm-up
+    precision = args.quantization or args.dtype
     if not args.json:
-        print(f"{args.model} {args.dtype}, input {args.input_len}, output {args.output_len}, torch threads "
+        print(f"{args.model} {precision}, input {args.input_len}, output {args.output_len}, torch threads "
               f"{torch.get_num_threads()}, {os.cpu_count()} cpus")
         print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'total tok/s':>12} {'seconds':>8}")
     for b in args.batch_size:
-        r = measure(LLMEngine(model, config=config), b, args.input_len, args.output_len, args.seed)
+        r = measure(engine, b, args.input_len, args.output_len, args.seed)
         if args.json:
-            print(json.dumps({"model": args.model, "dtype": args.dtype, "input_len": args.input_len,
+            print(json.dumps({"model": args.model, "precision": precision, "input_len": args.input_len,
                               "output_len": args.output_len, "threads": torch.get_num_threads(), **r}))
         else:
             print(f"{b:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['total_tok_s']:>12.1f} "

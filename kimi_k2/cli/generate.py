@@ -41,15 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens tokens, EOS or not")
     parser.add_argument("--logprobs", type=int, metavar="K",
                         help="with --json: each new token's logprob and the top K (0..20) alternatives")
-    add_dtype(parser, "bfloat16")
+    add_dtype(parser, "float32")
     parser.add_argument("--max-model-len", type=positive_int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
-    parser.add_argument("--compile", action="store_true",
-                        help="single-stream decode through one torch.compile'd graph (needs --dtype float32)")
     parser.add_argument("--ep", type=positive_int, metavar="N",
                         help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli "
                              "generate DIR --ep N ...` (CPU, gloo)")
     parser.add_argument("--tp-attention", action="store_true", help="with --ep: also split MLA by heads over the ranks")
+    # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
+    parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
+                        help="projections as int8 or fp16 weights, made at load; everything else fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="single-stream decode through one torch.compile'd graph (default: on where it applies, "
+                             "float32 weights; otherwise eager, logged)")
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[list[int]]:
@@ -96,14 +100,17 @@ def generate(args: argparse.Namespace, engine: LLMEngine) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile and (args.dtype != "float32" or args.ep is not None):
-        raise UsageError("--compile needs --dtype float32 and no --ep")
+    if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
+        raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
+    if args.quantization and args.ep is not None:
+        raise UsageError("--quantization is not supported with --ep")
     if args.tp_attention and args.ep is None:
         raise UsageError("--tp-attention splits attention over the --ep ranks: pass --ep N too")
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs are printed with --json only")
     dtype = getattr(torch, args.dtype)
-    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=args.compile)
+    compile_decode = args.compile is not False and args.ep is None  # on by default; eager (logged) where it can't
+    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode)
     if args.ep is not None:
         from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
@@ -113,4 +120,5 @@ def run(args: argparse.Namespace) -> int:
         return run_expert_parallel(d, config, dtype, lambda engine: generate(args, engine), args.tp_attention)
     model_config(args.model)  # a missing model: say what to pass
     tokenizer = Tokenizer.from_pretrained(args.model) if (Path(args.model) / "tiktoken.model").is_file() else None
-    return generate(args, LLMEngine(load_model(args.model, dtype), tokenizer, config))
+    model = load_model(args.model, dtype, quantization=args.quantization)
+    return generate(args, LLMEngine(model, tokenizer, config))

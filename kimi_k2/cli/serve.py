@@ -29,19 +29,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion budget of requests that set none (default: the rest of the context)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
-    add_dtype(p, "bfloat16")
+    add_dtype(p, "float32", "weight dtype (float32: the fastest on CPUs without native bf16; the compiled decode's)")
     p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
                         "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
-    p.add_argument("--compile", action="store_true",
-                   help="single-stream decode through one torch.compile'd graph (needs --dtype float32; compiles on "
-                        "the first request, ~30 s on a CPU)")
+    # speed: low-precision weights and the compiled single-stream decode
+    p.add_argument("--quantization", choices=["int8", "fp16"], default=None,
+                   help="projections as int8 (per-channel, int8 matmuls) or fp16 weights, made from the checkpoint "
+                        "(fp8/bf16/fp32) at load, one tensor at a time; everything else fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
+                        "where it applies, float32 weights; otherwise eager, logged)")
     p.add_argument("--log-level", default="info")
+    # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
+    from kimi_k2.server.limits import ServerLimits as L
+
+    p.add_argument("--max-request-bytes", type=int, default=L.max_request_bytes,
+                   help="request body size limit, answered 413 before reading, as nginx client_max_body_size "
+                        "(default %(default)s)")
+    p.add_argument("--max-stop-sequences", type=int, default=L.max_stop_sequences,
+                   help="stop strings per request (default %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=L.max_stop_chars,
+                   help="characters per stop string (default %(default)s)")
+    p.add_argument("--max-tools", type=int, default=L.max_tools, help="tools per request (default %(default)s)")
+    p.add_argument("--max-schema-bytes", type=int, default=L.max_schema_bytes,
+                   help="JSON size of a request's tool and response_format schemas together (default %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens (default: the context - 1)")
+    p.add_argument("--max-queued-requests", type=int, default=L.max_queued_requests,
+                   help="requests waiting to start; more are answered 429 with Retry-After (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=L.request_timeout_s, metavar="SECONDS",
+                   help="per-request time limit, arrival to last token; past it 504 or a stream error (0: none; "
+                        "default %(default)s)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (as vLLM does); by default --api-key protects it too")
+
+
+def server_limits(args: argparse.Namespace):
+    from kimi_k2.server.limits import ServerLimits
+
+    return ServerLimits(max_request_bytes=args.max_request_bytes, max_stop_sequences=args.max_stop_sequences,
+                        max_stop_chars=args.max_stop_chars, max_tools=args.max_tools,
+                        max_schema_bytes=args.max_schema_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout or None)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile and (args.dtype != "float32" or args.ep is not None):
-        raise UsageError("--compile needs --dtype float32 and no --ep")
+    if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
+        raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
+    if args.quantization and args.ep is not None:
+        raise UsageError("--quantization is not supported with --ep")
+    if args.api_key == "":
+        where = "KIMI_K2_API_KEY is set but empty" if os.environ.get("KIMI_K2_API_KEY") == "" else "--api-key is empty"
+        raise UsageError(f"{where}: give a key, or unset it to serve without one")
+    try:
+        server_limits(args)  # bad limit values fail before the model loads
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     d = model_dir(args.model)
     if not (d / "tiktoken.model").is_file():
         raise CommandError(f"{d} has no tokenizer (tiktoken.model): serve a directory with the model's tokenizer")
@@ -49,11 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
-                                   ("compile_decode", args.compile or None)) if v is not None}
-    config, dtype = EngineConfig(**overrides), getattr(torch, args.dtype)
+    compile_decode = args.compile is not False and args.ep is None
+    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
+                 if v is not None}
+    config, dtype = EngineConfig(**overrides, compile_decode=compile_decode), getattr(torch, args.dtype)
     if args.ep is None:
-        return serve(args, d, LLMEngine.from_pretrained(d, config=config, dtype=dtype))
+        engine = LLMEngine.from_pretrained(d, config=config, dtype=dtype, quantization=args.quantization)
+        return serve(args, d, engine)
     from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
     if (error := launch_error(args.ep)) is not None:
@@ -70,8 +115,10 @@ def serve(args: argparse.Namespace, d: Path, engine) -> int:
     from kimi_k2.server.state import ServerState
 
     names = args.served_model_name or [d.resolve().name]
-    state = ServerState(AsyncLLMEngine(engine), engine.tokenizer, names, engine.model_config.vocab_size,
-                        args.api_key, args.default_max_tokens)
+    limits = server_limits(args)
+    state = ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), engine.tokenizer, names,
+                        engine.model_config.vocab_size, args.api_key, args.default_max_tokens, limits,
+                        args.public_metrics)
     uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0

@@ -1,6 +1,8 @@
 """`kimi-k2 train --config RECIPE [--set SECTION.KEY=VALUE ...]`: run (or resume) a training recipe.
 
-A run resumes from the newest checkpoint in its out_dir when there is one. Under `torchrun` it is data parallel.
+A run resumes from the newest checkpoint in its out_dir when there is one (on any world size that keeps its global
+batch). Under `torchrun` it is data parallel, or FSDP2-sharded with expert parallelism when the recipe's [parallel]
+section says so (dp_shard, ep; `kimi-k2 plan --train` sizes a layout).
 """
 
 from __future__ import annotations

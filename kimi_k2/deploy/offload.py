@@ -5,7 +5,9 @@ Everything else (embeddings, attention, dense MLP, router, shared expert, lm_hea
 are ~97% of K2's bytes, so resident memory is the non-expert weights plus the experts of one step. After an expert's
 fp8 bytes are dequantized its pages are dropped from this process (madvise MADV_DONTNEED; they stay in the kernel's
 page cache, clean and reclaimable), so touched experts do not pile up in RSS. An optional LRU keeps the dequantized
-weights of the most recently used experts.
+weights of the most recently used experts. With `quantization` ("int8" / "fp16") the experts run on the same
+low-precision linears as a quantized model (`kimi_k2.ops.quantize`), made from the fp8 bytes when first used, and the
+LRU holds them in that format (1 or 2 bytes per weight).
 
 Tensor bytes are located through the safetensors header (`kimi_k2.checkpoint.reader.read_header`).
 """
@@ -27,7 +29,10 @@ from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX
 from kimi_k2.checkpoint.reader import read_header
 from kimi_k2.config import K2Config
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.functional import swiglu
 from kimi_k2.model.moe import MoE
+from kimi_k2.model.quantized import quantize_model
+from kimi_k2.ops.quantize import QuantizedLinear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 FAULT_MARGIN = 2 * 2**20  # x86-64 / arm64-4K PMD size: the largest page-cache folio and fault-around window
@@ -79,10 +84,10 @@ class ExpertStore:
     """The memory-mapped shards of a checkpoint, and an LRU of dequantized experts shared by all layers."""
 
     def __init__(self, reader: CheckpointReader, dtype: torch.dtype, cache_experts: int = 0,
-                 release_pages: bool = True) -> None:
+                 release_pages: bool = True, quantization: str | None = None) -> None:
         if cache_experts < 0:
             raise ValueError(f"cache_experts must be >= 0, got {cache_experts}")
-        self.reader, self.dtype = reader, dtype
+        self.reader, self.dtype, self.quantization = reader, dtype, quantization
         self.cache_experts, self.release_pages = cache_experts, release_pages
         self.shards: dict[str, MappedShard] = {}
         self.lru: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
@@ -103,8 +108,9 @@ class ExpertStore:
             return w, None
         return w, self._shard(name + SCALE_SUFFIX).tensor(name + SCALE_SUFFIX)
 
-    def weights(self, prefix: str) -> tuple[torch.Tensor, ...]:
-        """Dequantized (gate, up, down) of the expert whose tensors start with `prefix`."""
+    def weights(self, prefix: str) -> tuple[torch.Tensor, ...] | tuple[QuantizedLinear, ...]:
+        """Dequantized (gate, up, down) of the expert whose tensors start with `prefix` (QuantizedLinears with
+        `quantization`)."""
         if prefix in self.lru:
             self.lru.move_to_end(prefix)
             return self.lru[prefix]
@@ -112,8 +118,11 @@ class ExpertStore:
         for proj in PROJECTIONS:
             name = f"{prefix}{proj}.weight"
             w, scale = self.mapped(name)
-            out.append(w.to(self.dtype, copy=True) if scale is None else
-                       dequantize_block_fp8(w, scale, self.reader.block, dtype=self.dtype))
+            dtype = torch.float32 if self.quantization else self.dtype
+            out.append(w.to(dtype, copy=True) if scale is None else
+                       dequantize_block_fp8(w, scale, self.reader.block, dtype=dtype))
+            if self.quantization:
+                out[-1] = QuantizedLinear.from_float(out[-1], None, self.quantization)
             if self.release_pages:
                 for n in (name, name + SCALE_SUFFIX) if scale is not None else (name,):
                     self._shard(n).release(n)
@@ -133,8 +142,11 @@ class OffloadedExpert(nn.Module):
         self.store, self.prefix = store, prefix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.store.quantization:
+            gate, up, down = self.store.weights(self.prefix)
+            return down(swiglu(gate(x), up(x))).to(x.dtype)
         gate, up, down = (w.to(x.device) for w in self.store.weights(self.prefix))
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return F.linear(swiglu(F.linear(x, gate), F.linear(x, up)), down)
 
 
 def offload_experts(model: K2ForCausalLM, store: ExpertStore) -> K2ForCausalLM:
@@ -156,13 +168,14 @@ def offload_experts(model: K2ForCausalLM, store: ExpertStore) -> K2ForCausalLM:
 
 def load_offloaded(
     directory: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-    cache_experts: int = 0, release_pages: bool = True,
+    cache_experts: int = 0, release_pages: bool = True, quantization: str | None = None,
 ) -> K2ForCausalLM:
-    """A model whose non-expert tensors are loaded (as `dtype`) and whose routed experts stay memory-mapped."""
+    """A model whose non-expert tensors are loaded (as `dtype`) and whose routed experts stay memory-mapped;
+    with `quantization` every projection, resident or offloaded, is int8 / fp16 (the rest fp32)."""
     reader = CheckpointReader(directory)
     config = K2Config.from_pretrained(directory)
     with torch.device("meta"):
         model = K2ForCausalLM(config)
-    offload_experts(model, ExpertStore(reader, dtype, cache_experts, release_pages))
-    load_into(model, reader, dtype, device, strict=False)
-    return model.eval()
+    offload_experts(model, ExpertStore(reader, dtype, cache_experts, release_pages, quantization))
+    load_into(model, reader, torch.float32 if quantization else dtype, device, strict=False)
+    return quantize_model(model, quantization) if quantization else model.eval()

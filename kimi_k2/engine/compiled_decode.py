@@ -1,22 +1,57 @@
-"""Opt-in compiled single-stream decode (`EngineConfig(compile_decode=True)`).
+"""Compiled single-stream decode (`EngineConfig(compile_decode=True)`, on by default in `kimi-k2 serve/generate`).
 
 A step whose whole batch is one sequence computing one token runs `kimi_k2.model.decode.DecodeStep` as one
-torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the same math in a few fused C++ loops
+torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the same functions in a few fused C++ loops
 and BLAS calls instead of ~80 eager ops per layer. The graph reads the latent page pool through the sequence's pages;
 their number and the pool's size are its only dynamic sizes (at least 2 pages are passed, so it never specializes),
-so it compiles once per process and model config. This token's latents come back out and are stored here.
-Every other step (prefill, batches) runs the eager model.
+so it compiles once per process and model config, at engine start-up (`warm_up`), and inductor's on-disk caches
+(FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. This token's latents come back
+out and are stored here. Every other step (prefill, batches) runs the eager model.
+
+The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
+transposed, the routed experts stacked; each module's weight becomes a view), so the graph reads them without a second
+copy of anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from kimi_k2.config import K2Config
 from kimi_k2.engine.paged_cache import LatentPool, Row
-from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights
+from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights, prepare_decode_layout
+
+log = logging.getLogger(__name__)
+
+
+def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
+    """Why the compiled decode cannot serve this model and pool, or None."""
+    try:
+        check_decode_model(model)
+    except ValueError as e:
+        return str(e)
+    if pool.kv.dtype != torch.float32:
+        return f"compiled decode needs a float32 latent cache, got {pool.kv.dtype}"
+    return None
+
+
+_COMPILED: dict[tuple[str, float, int], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> Callable[..., tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]:
+    """One torch.compile'd DecodeStep per model config and page size in this process: later engines reuse its graph."""
+    key = (json.dumps(config.to_dict(), sort_keys=True), attention_factor, page_size)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True,
+                                       dynamic=False, options={"cpp_wrapper": True})
+    return _COMPILED[key]
 
 
 class CompiledDecoder:
@@ -25,39 +60,45 @@ class CompiledDecoder:
         if pool.kv.dtype != torch.float32:
             raise ValueError(f"compiled decode needs a float32 latent cache, got {pool.kv.dtype}")
         self.model, self.pool = model, pool
-        step = DecodeStep(model.config, model.model.rotary.attention_factor, pool.page_size)
-        self.step = torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        prepare_decode_layout(model)
+        self.step = compiled_step(model.config, model.model.rotary.attention_factor, pool.page_size)
         self.compile_seconds: float | None = None  # wall time of the first call (trace + inductor + C++ build)
-        self._slots = [d for m in model.modules() for d in (m._parameters, m._buffers) if d]  # where tensors live
-        self._key: list[tuple[int, int]] | None = None
+        self._params = list(model.parameters())
+        self._key: list[int] | None = None
         self._weights: DecodeWeights | None = None
 
     def weights(self) -> DecodeWeights:
-        """`decode_weights(model)`, rebuilt whenever a tensor of the model is replaced or updated in place."""
-        try:
-            key = [(t.data_ptr(), t._version) for d in self._slots for t in d.values() if t is not None]
-        except RuntimeError:  # inference tensors have no version counter: rebuild every time
-            key = None
-        if key is None or key != self._key or self._weights is None:
+        """`decode_weights(model)`, rebuilt whenever a tensor of the model is replaced (in-place updates write the
+        tensors the graph already reads: the expert stacks are views)."""
+        key = [p.data_ptr() for p in self.model.parameters()]
+        if key != self._key or self._weights is None:
             self._weights, self._key = decode_weights(self.model), key
         return self._weights
+
+    def _run(self, token: int, pos: int, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ps = self.pool.page_size
+        n = max(-(-pos // ps), 2)  # the pages holding the cached tokens, padded with page 0 (masked) to >= 2
+        pages = torch.tensor(block_table[:n] + [0] * (n - len(block_table[:n])))
+        args = (self.weights(), torch.tensor([token]), torch.tensor(pos), pages, self.pool.kv)
+        if self.compile_seconds is not None:
+            return self.step(*args)
+        torch._dynamo.mark_dynamic(pages, 0)
+        torch._dynamo.mark_dynamic(self.pool.kv, 1)  # pools of any size share the graph
+        start = time.perf_counter()
+        out = self.step(*args)
+        self.compile_seconds = time.perf_counter() - start
+        return out
+
+    def warm_up(self) -> None:
+        """Compile now (a token at position 0 over page 0; nothing is stored), not on the first request."""
+        with torch.inference_mode():
+            self._run(0, 0, [0])
+        log.info("compiled decode ready: first call (trace, inductor, C++ build or cache hit) took %.1f s",
+                 self.compile_seconds)
 
     def __call__(self, row: Row) -> torch.Tensor:
         """Compute row's one token and store its latents -> fp32 logits [1, vocab]."""
         ps, pos = self.pool.page_size, row.num_computed_tokens
-        n = max(-(-pos // ps), 2)  # the pages holding the cached tokens, padded with page 0 (masked) to >= 2
-        pages = torch.tensor(row.block_table[:n] + [0] * (n - len(row.block_table[:n])))
-        args = (self.weights(), torch.tensor(row.input_ids), torch.tensor(pos), pages, self.pool.kv)
-        if self.compile_seconds is None:
-            torch._dynamo.mark_dynamic(pages, 0)
-            torch._dynamo.mark_dynamic(self.pool.kv, 1)  # pools of any size share the graph
-            start = time.perf_counter()
-            try:
-                logits, latents = self.step(*args)
-            except Exception as e:  # inductor needs a working C++ compiler (g++) on this machine
-                raise RuntimeError(f"compile_decode: torch.compile of the decode step failed: {e}") from e
-            self.compile_seconds = time.perf_counter() - start
-        else:
-            logits, latents = self.step(*args)
+        logits, latents = self._run(row.input_ids[0], pos, row.block_table)
         self.pool.kv[:, row.block_table[pos // ps] * ps + pos % ps] = latents
         return logits

@@ -46,38 +46,72 @@ def make_detokenizer(tokenizer: Any) -> Detokenizer:
     return DecodeDiffDetokenizer(tokenizer)
 
 
+class StopMatcher:
+    """Knuth-Morris-Pratt search for one stop string over streamed text. `state` is the length of the longest prefix
+    of the stop string the text fed so far ends with. The failure table is built only as far as `state` has reached,
+    so the work is linear in the text fed, whatever the stop string's length."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fail = [0]  # fail[k]: longest proper border of stop[:k + 1]
+        self.state = 0
+
+    def _border(self, k: int) -> int:
+        s, fail = self.stop, self.fail
+        while len(fail) <= k:
+            i, j = len(fail), fail[-1]
+            while j and s[i] != s[j]:
+                j = fail[j - 1]
+            fail.append(j + (s[i] == s[j]))
+        return fail[k]
+
+    def feed(self, text: str) -> int:
+        """End offset in `text` of the first complete occurrence, or -1 (then `state` is up to date)."""
+        s, j = self.stop, self.state
+        for i, ch in enumerate(text):
+            while j and s[j] != ch:
+                j = self._border(j - 1)
+            if s[j] == ch:
+                j += 1
+                if j == len(s):
+                    self.state = j
+                    return i + 1
+        self.state = j
+        return -1
+
+
 class TextStream:
     """Completion text of one sample. Never sends (part of) a stop string: a tail that could still grow into one is
-    held back until it cannot, and text from the first stop string on is dropped."""
+    held back until it cannot, and text from the first stop string to complete on is dropped. The check costs
+    O(stop strings x new text) per token (StopMatcher)."""
 
     def __init__(self, tokenizer: Any, stop: list[str]):
         self.detokenizer = make_detokenizer(tokenizer)
-        self.stop = [s for s in stop if s]
-        self.text = ""
-        self.sent = 0  # len of the text already sent; it never ends with a prefix of a stop string
+        self.matchers = [StopMatcher(s) for s in stop if s]
+        self.pending = ""  # text not sent yet: the longest tail that may still start a stop string
         self.stopped = False  # a stop string was found
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
-        self.text += self.detokenizer.push(token_id)
-        return self._release(final=False)
+        return self._release(self.detokenizer.push(token_id), final=False)
 
     def finish(self) -> str:
         if self.stopped:
             return ""
-        self.text += self.detokenizer.flush()
-        return self._release(final=True)
+        return self._release(self.detokenizer.flush(), final=True)
 
-    def _release(self, final: bool) -> str:
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+    def _release(self, new: str, final: bool) -> str:
+        base = len(self.pending)
+        text = self.pending + new
+        hits = []
+        for m in self.matchers:
+            end = m.feed(new)
+            if end >= 0:
+                hits.append((base + end, base + end - len(m.stop)))
         if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            final = True
-        hold = 0
-        if not final:
-            for s in self.stop:
-                hold = max(hold, next((k for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), 0))
-        end = len(self.text) - hold
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
+            self.stopped, self.pending = True, ""
+            return text[:min(hits)[1]]
+        keep = 0 if final else min(len(text), max((m.state for m in self.matchers), default=0))
+        self.pending = text[len(text) - keep:]
+        return text[:len(text) - keep]

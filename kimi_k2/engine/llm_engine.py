@@ -82,11 +82,14 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str], config: EngineConfig | None = None,
-                        dtype: torch.dtype = torch.bfloat16) -> LLMEngine:
-        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory."""
-        from kimi_k2.model import K2ForCausalLM
+                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None) -> LLMEngine:
+        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory.
 
-        model = K2ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32).
+        """
+        from kimi_k2.engine.loader import load_model
+
+        model = load_model(str(model_dir), dtype, quantization=quantization)
         tokenizer = None
         if (Path(model_dir) / "tiktoken.model").is_file():
             from kimi_k2.tokenizer import Tokenizer
@@ -154,11 +157,26 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
         if seqs:
-            token_ids, logprobs = sample(logits, seqs)
-            out += [self._append(seq, t, lp) for seq, t, lp in zip(seqs, token_ids, logprobs, strict=True)]
+            token_ids, logprobs, errors = sample(logits, seqs)
+            for seq, t, lp, err in zip(seqs, token_ids, logprobs, errors, strict=True):
+                if seq.request_id not in self.requests:
+                    continue  # a sibling sample's failure ended this request in this very step
+                out += self._fail(seq.request_id, err) if err is not None else self._append(seq, t, lp)
         return out
 
-    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> CompletionDelta:
+    def _fail(self, request_id: str, error: str) -> list[CompletionDelta]:
+        """End every unfinished sample of a request with `error` (finish_reason "abort"); frees its pages."""
+        req = self.requests.pop(request_id)
+        out = []
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                d = self._delta(req, seq, [], "", None, "abort")
+                d.error = error
+                out.append(d)
+        return out
+
+    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> list[CompletionDelta]:
         req = self.requests[seq.request_id]
         stream = req.streams[seq.index]
         p = seq.params
@@ -166,8 +184,12 @@ class LLMEngine:
         self.num_generated_tokens += 1
         reason = None
         if seq.constraint is not None:
-            seq.constraint.advance(token_id)
-            if seq.constraint.is_finished():
+            try:
+                seq.constraint.advance(token_id)
+                done = seq.constraint.is_finished()
+            except Exception as e:  # only this request fails, the batch goes on
+                return self._fail(req.request_id, f"the output constraint failed: {e}")
+            if done:
                 reason = "stop"
         if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
             reason, text = "stop", ""
@@ -182,7 +204,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             if all(s.is_finished for s in req.seqs):
                 del self.requests[req.request_id]
-        return self._delta(req, seq, [token_id], text, None if logprob is None else [logprob], reason)
+        return [self._delta(req, seq, [token_id], text, None if logprob is None else [logprob], reason)]
 
     @staticmethod
     def _delta(req: Request, seq: Sequence, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None,
@@ -216,7 +238,7 @@ class LLMEngine:
                     acc.token_ids = acc.token_ids + d.token_ids
                     acc.text += d.text
                     acc.logprobs = acc.logprobs + d.logprobs if acc.logprobs is not None else d.logprobs
-                    acc.finished, acc.finish_reason = d.finished, d.finish_reason
+                    acc.finished, acc.finish_reason, acc.error = d.finished, d.finish_reason, d.error
                     acc.completion_tokens, acc.cached_prompt_tokens = d.completion_tokens, d.cached_prompt_tokens
                 if bar is not None and d.finished:
                     bar.update(1)

@@ -9,16 +9,23 @@ import torch
 
 from kimi_k2.config import PRESETS, K2Config
 from kimi_k2.model import K2ForCausalLM
+from kimi_k2.model.quantized import load_quantized, quantize_model
 
 
-def load_model(name_or_dir: str, dtype: torch.dtype, seed: int = 0) -> K2ForCausalLM:
-    """A model directory, or a preset name with random weights (std 1/sqrt(fan_in), so logits are not flat)."""
+def load_model(name_or_dir: str, dtype: torch.dtype, seed: int = 0, quantization: str | None = None) -> K2ForCausalLM:
+    """A model directory, or a preset name with random weights (std 1/sqrt(fan_in), so logits are not flat).
+
+    quantization "int8" / "fp16": the projections hold that format (`kimi_k2.model.quantized`), the rest fp32;
+    a directory is then read one tensor at a time, never expanded whole.
+    """
     if Path(name_or_dir).is_dir() or name_or_dir not in PRESETS:
+        if quantization is not None:
+            return load_quantized(name_or_dir, quantization)
         return K2ForCausalLM.from_pretrained(name_or_dir, dtype=dtype)
     torch.manual_seed(seed)
-    model = K2ForCausalLM.from_config(K2Config.from_preset(name_or_dir), dtype)
+    model = K2ForCausalLM.from_config(K2Config.from_preset(name_or_dir), torch.float32 if quantization else dtype)
     with torch.no_grad():
         for t in model.parameters():
             if t.ndim == 2:
                 t.normal_(0.0, t.shape[1] ** -0.5)
-    return model.eval()
+    return quantize_model(model, quantization) if quantization else model.eval()

@@ -4,27 +4,52 @@ both through the paged latent cache; logits only for the sequences whose last to
 `run` turns the scheduled sequences into plain `Row`s and hands them to `forward_fn`: `forward` in this process, or,
 when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.step`, which broadcasts the rows so
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
-With a `CompiledDecoder` (`EngineConfig.compile_decode`), a group of one decode row runs through it instead.
+With a `CompiledDecoder` (`EngineConfig.compile_decode`), a group of one decode row runs through it instead; a model
+it cannot serve, or a compile that fails, falls back to the eager model with a logged warning.
+The runner prepares the model for inference in place: routed experts of float weights run as grouped GEMMs
+(`kimi_k2.model.grouped_experts`; same modules and state_dict, their weights stacked without a copy).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from kimi_k2.engine.compiled_decode import CompiledDecoder
+from kimi_k2.engine.compiled_decode import CompiledDecoder, unsupported
 from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
+from kimi_k2.model.grouped_experts import GroupedExperts, groupable
+from kimi_k2.model.moe import Experts, MoE
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            if type(moe.experts) is Experts and groupable(moe.experts):
+                moe.experts = GroupedExperts(moe.experts)
         self.model = model
         self.pool = pool
-        self.decoder = CompiledDecoder(model, pool) if compile_decode else None
+        self.decoder = self._compiled_decoder(model, pool) if compile_decode else None
         self.forward_fn: Callable[[list[list[Row]]], torch.Tensor] = self.forward
+
+    @staticmethod
+    def _compiled_decoder(model: nn.Module, pool: LatentPool) -> CompiledDecoder | None:
+        reason = unsupported(model, pool)
+        if reason is not None:
+            log.warning("compiled decode off, decoding with the eager model: %s", reason)
+            return None
+        decoder = CompiledDecoder(model, pool)
+        try:
+            decoder.warm_up()
+        except Exception as e:  # inductor needs a working C++ compiler; any failure leaves the eager path
+            log.warning("compiled decode off, decoding with the eager model: torch.compile failed: %s", e)
+            return None
+        return decoder
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:

@@ -66,3 +66,4 @@ class CompletionDelta:
     prompt_tokens: int
     completion_tokens: int  # cumulative for this sample
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # set when the request failed (finish_reason "abort"): why, e.g. its constraint broke

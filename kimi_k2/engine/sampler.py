@@ -5,6 +5,9 @@ logprobs (of this distribution, before temperature) -> greedy argmax (temperatur
 top_p (on the top_k-renormalized probabilities) -> min_p (p < min_p * p_max dropped) -> one draw. A draw is
 argmax(p / E) with E ~ Exp(1) from the sequence's own generator: an exact categorical sample, reproducible per seed
 whatever else shares the batch.
+
+A constraint that fails (allows no token, or raises) fails only its own sequence: `sample` reports it, and the
+engine ends that request with the error while the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -15,21 +18,28 @@ from kimi_k2.engine.params import TokenLogprob
 from kimi_k2.engine.sequence import Sequence
 
 
-def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits [N, V] (fp32, modified in place)."""
+def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> list[str | None]:
+    """logits [N, V] (fp32, modified in place) -> per sequence, None or why its constraint failed (its row is then
+    left finite, and its token must be discarded)."""
     vocab = logits.shape[-1]
+    errors: list[str | None] = [None] * len(seqs)
     for i, seq in enumerate(seqs):
         p = seq.params
         if seq.constraint is not None:
-            allowed = seq.constraint.allowed()
+            try:
+                allowed = seq.constraint.allowed()
+            except Exception as e:  # a broken constraint (e.g. the grammar engine's own error) fails this sequence
+                errors[i] = f"the output constraint failed: {e}"
+                continue
             if allowed is not None:
-                if not bool(allowed.any()):
-                    raise ValueError(f"request {seq.request_id!r}: the token constraint allows no token")
+                if not bool(allowed[:vocab].any()):
+                    errors[i] = "the output constraint allows no token"
+                    continue
                 logits[i].masked_fill_(~allowed[:vocab].to(logits.device), float("-inf"))
         if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
             counts = torch.bincount(torch.tensor(seq.completion_ids), minlength=vocab)[:vocab].to(logits)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
-    return logits
+    return errors
 
 
 def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -48,9 +58,12 @@ def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     return x
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [N, V] for seqs[i]'s next token -> (token ids, logprobs or None per sequence)."""
-    logits = apply_constraints_and_penalties(logits.float(), seqs)
+def sample(logits: torch.Tensor, seqs: list[Sequence]
+           ) -> tuple[list[int], list[TokenLogprob | None], list[str | None]]:
+    """logits [N, V] for seqs[i]'s next token -> (token ids, logprobs or None, constraint error or None), per
+    sequence."""
+    logits = logits.float()
+    errors = apply_constraints_and_penalties(logits, seqs)
     tokens = logits.argmax(-1)
     rand = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if rand:
@@ -73,4 +86,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             top_v, top_i = lp[j].topk(k) if k else (lp[j][:0], lp[j][:0].long())
             top = list(zip(top_i.tolist(), top_v.tolist(), strict=True))
             logprobs[i] = TokenLogprob(token_ids[i], float(lp[j, token_ids[i]]), top)
-    return token_ids, logprobs
+    return token_ids, logprobs, errors

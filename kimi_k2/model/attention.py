@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import K2Config
 from .cache import LatentCache
-from .layers import Linear, RMSNorm, derived, fused_t, linear_t, use_cache
+from .functional import absorb, latent_attention
+from .layers import Linear, RMSNorm
 from .rope import apply_rotary_emb
 
 
@@ -54,16 +55,11 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, D], cos/sin [B, S, rope/2] -> [B, S, D]."""
         B, S, _ = x.shape
-        first, kv_a = self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa
-        if not use_cache(first.weight, kv_a.weight, None if self.q_lora_rank is None else self.q_b_proj.weight):
-            q, kv = first(x), kv_a(x)
-            if self.q_lora_rank is not None:
-                q = self.q_b_proj(self.q_a_layernorm(q))
-        else:  # small-width inference: cached transposed weights (`linear_t`), both projections of x in one matmul
-            q, kv = linear_t(x, *fused_t(self, "_x_proj_t", first, kv_a)).split_with_sizes(
-                [first.out_features, kv_a.out_features], dim=-1)
-            if self.q_lora_rank is not None:
-                q = linear_t(self.q_a_layernorm(q), *fused_t(self, "_q_b_t", self.q_b_proj))
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        kv = self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(B, S, self.n_heads, -1).split_with_sizes(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         freqs = torch.complex(cos, sin) if cos.dtype == torch.float32 else None  # [B, S, rope/2], shared by q, k
@@ -76,8 +72,7 @@ class MLA(nn.Module):
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
             out = self._attend_latent(q_nope, q_pe, *cache.read(self.layer_idx))
-        out = out.flatten(2).to(x.dtype)
-        return linear_t(out, *fused_t(self, "_o_t", self.o_proj)) if use_cache(self.o_proj.weight) else self.o_proj(out)
+        return self.o_proj(out.flatten(2).to(x.dtype))
 
     def _attend_full(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
@@ -102,29 +97,9 @@ class MLA(nn.Module):
     def _attend_latent(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_all: torch.Tensor, kpe_all: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Absorbed attention over the cache: c_all [B, T, C], kpe_all [B, T, rope], mask [B, S, T] -> [B, S, H, v].
-
-        Computed in fp32 with per-head batched matmuls: W_UK [H, nope, C] and W_UV^T [H, C, v] are (fp32 views of)
-        kv_b_proj.weight, cached for small-width inference until it changes.
-        """
-        B, S, H, _ = q_nope.shape
-        w_uk, w_uv_t = derived(self, "_w_absorb", [self.kv_b_proj.weight], self._absorbed) \
-            if use_cache(self.kv_b_proj.weight) else self._absorbed()
-        if c_all.dtype != torch.float32 or q_nope.dtype != torch.float32:
-            c_all, kpe_all, q_nope, q_pe = c_all.float(), kpe_all.float(), q_nope.float(), q_pe.float()
-        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
-        q_lat = q_lat.transpose(0, 1).reshape(B, S * H, -1)
-        # scale * (q_pe . k_pe + q_lat . c): one bmm into the other
-        scores = torch.baddbmm(torch.bmm(q_pe.reshape(B, S * H, -1), kpe_all.transpose(1, 2)),
-                               q_lat, c_all.transpose(1, 2), beta=self.softmax_scale, alpha=self.softmax_scale)
-        scores = scores.view(B, S, H, -1) + mask[:, :, None, :]  # [B, S, H, T]
+        """Absorbed attention over the cache: c_all [B, T, C], kpe_all [B, T, rope], mask [B, S, T] -> [B, S, H, v]."""
+        w_uk, w_uv_t = absorb(self.kv_b_proj.weight, self.n_heads, self.qk_nope_head_dim)
+        out, scores = latent_attention(q_nope, q_pe, c_all, kpe_all, mask, w_uk, w_uv_t, self.softmax_scale)
         if self.track_max_logits:
             self.max_logits = scores.detach().amax(dim=(0, 1, 3))
-        probs = scores.softmax(dim=-1)
-        o_lat = torch.bmm(probs.view(B, S * H, -1), c_all)  # [B, S*H, C]
-        out = torch.bmm(o_lat.view(B * S, H, -1).transpose(0, 1), w_uv_t)  # [H, B*S, v]
-        return out.transpose(0, 1).view(B, S, H, -1)
-
-    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.float().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :].transpose(1, 2)
+        return out

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import K2Config
-from .layers import MLP, derived, linear_t, use_cache
+from .functional import route
+from .layers import MLP
 
 
 class Gate(nn.Module):
@@ -48,28 +49,22 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32 (unbiased, for the balance loss)."""
-        if use_cache(self.weight):
-            wt = derived(self, "_w_t", [self.weight], lambda: self.weight.float().t().contiguous())  # [D, E]
-            logits = linear_t(x.float(), wt)
-        else:
-            logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        with torch.no_grad():
-            biased = scores + self.e_score_correction_bias
-            if self.n_group > 1:
-                grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
-                if self.group_by_top2:
-                    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-                else:
-                    group_scores = grouped.amax(dim=-1)
-                keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
-                dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-                biased = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-            indices = biased.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, indices, scores
+        return route(F.linear(x.float(), self.weight.float()), self.e_score_correction_bias, self.top_k, self.n_group,
+                     self.topk_group, self.group_by_top2, self.scoring_func == "sigmoid", self.norm_topk_prob,
+                     self.routed_scaling_factor)
+
+
+class Experts(nn.ModuleList):
+    """The routed SwiGLU experts (`experts.{e}` in checkpoints)."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of x [P, D] grouped by expert in expert order, counts [E] rows per expert -> expert outputs [P, D]."""
+        out, start = torch.empty_like(x), 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                out[start : start + n] = self[e](x[start : start + n])
+                start += n
+        return out
 
 
 class MoE(nn.Module):
@@ -80,8 +75,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.aux_loss_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size, fuse=False)
-                                     for _ in range(self.n_experts))
+        self.experts = Experts(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_experts))
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * (config.n_shared_experts or 1))
         self.last_expert_load: torch.Tensor | None = None  # [E] int64: tokens routed to each expert, last forward
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
@@ -92,14 +86,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
         ids = indices.flatten()  # [N*k]
-        if flat.shape[0] == 1:  # one token (single-stream decode): just its k (distinct) experts, no grouping
-            self.last_expert_load = torch.zeros(self.n_experts, dtype=torch.long, device=ids.device).index_fill_(
-                0, ids, 1)
-            routed = torch.cat([self.experts[e](flat) for e in ids.tolist()])  # [k, D]
-            y = torch.mm(weights, routed.float()).view(B, S, D)  # sum_k w_k e_k(x)
-        else:
-            self.last_expert_load = torch.bincount(ids, minlength=self.n_experts).detach()
-            y = self._grouped(flat, weights, ids).view(B, S, D)
+        self.last_expert_load = torch.bincount(ids, minlength=self.n_experts).detach()
+        y = self._grouped(flat, weights, ids).view(B, S, D)
         self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
             if self.training and self.aux_loss_alpha > 0 else None
         return y.to(x.dtype) + self.shared_experts(x)
@@ -108,13 +96,7 @@ class MoE(nn.Module):
         """Group the (token, slot) pairs by expert and run each active expert once over all its tokens -> [N, D]."""
         D = flat.shape[1]
         order = ids.argsort(stable=True)
-        token_of = order // self.top_k
-        out = flat.new_empty(ids.shape[0], D)  # expert outputs in expert order
-        start = 0
-        for e, n in enumerate(self.last_expert_load.tolist()):
-            if n:
-                out[start : start + n] = self.experts[e](flat[token_of[start : start + n]])
-                start += n
+        out = self.experts(flat[order // self.top_k], self.last_expert_load)  # expert outputs in expert order
         routed = torch.empty_like(out)
         routed[order] = out  # back to (token, slot) order: a permutation, so no scatter-add is needed
         return torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).squeeze(1)  # sum_k w_k e_k(x)

@@ -75,12 +75,13 @@ def apply_rotary_emb(
     """x [B, S, H, d] or [B, S, d] (interleaved pairs), cos/sin [B, S, d/2] -> x rotated, same shape and layout.
 
     (x0 + j x1)(cos + j sin) = (x0 cos - x1 sin) + j (x0 sin + x1 cos). In fp32 it is one complex multiply by
-    freqs = cos + j sin [B, S, d/2] (pass it to share it between calls); other dtypes compute in x.dtype, as HF does.
+    freqs = cos + j sin [B, S, d/2] (pass it to share it between calls); other dtypes compute in x.dtype, as HF does,
+    and so does a torch.compile'd caller (inductor fuses the real form into the ops around it).
     """
     if x.ndim == 4:
         cos, sin = cos[:, :, None], sin[:, :, None]
         freqs = None if freqs is None else freqs[:, :, None]
-    if x.dtype != torch.float32 or cos.dtype != torch.float32:
+    if x.dtype != torch.float32 or cos.dtype != torch.float32 or torch.compiler.is_compiling():
         pairs = x.unflatten(-1, (-1, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)

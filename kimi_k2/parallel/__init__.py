@@ -1,8 +1,9 @@
 """Model parallelism over torch.distributed, for training and inference alike (device-agnostic: gloo on CPU, NCCL on
 CUDA; process groups passed in, the default group when None).
 
-world.py          the torchrun world (rank, size, device) and the collectives the trainer uses
+world.py          the torchrun world (rank, size, device), the training mesh, the collectives the trainer uses
 data_parallel.py  DDP over the replicated parameters (training)
+fsdp.py           FSDP2 sharding over the training mesh with expert parallelism; sharded load, streamed full tensors
 expert.py         routed experts split over ranks, all-to-all dispatch/combine (training and inference)
 tensor.py         MLA split by heads over ranks (inference)
 loading.py        a rank's part of a checkpoint (its experts and heads), read through the one checkpoint loader
@@ -15,7 +16,15 @@ from kimi_k2.parallel.expert import ExpertParallelMoE, expert_range, gather_full
 from kimi_k2.parallel.loading import load_expert_parallel
 from kimi_k2.parallel.runner import CachedStepper, DistributedRunner, greedy_generate
 from kimi_k2.parallel.tensor import TPMLA, shard_attention
-from kimi_k2.parallel.world import DistInfo, all_reduce_, barrier, init_distributed, shutdown
+from kimi_k2.parallel.world import (
+    DistInfo,
+    TrainMesh,
+    all_reduce_,
+    barrier,
+    build_train_mesh,
+    init_distributed,
+    shutdown,
+)
 
 __all__ = [
     "TPMLA",
@@ -23,8 +32,10 @@ __all__ = [
     "DistInfo",
     "DistributedRunner",
     "ExpertParallelMoE",
+    "TrainMesh",
     "all_reduce_",
     "barrier",
+    "build_train_mesh",
     "expert_range",
     "gather_full_state_dict",
     "greedy_generate",

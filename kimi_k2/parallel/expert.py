@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from kimi_k2.model.moe import MoE, balance_loss
@@ -34,6 +34,21 @@ def expert_range(n_experts: int, rank: int, world: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
+class LocalExperts(nn.ModuleDict):
+    """A rank's routed experts, keyed by global id (so their parameters keep the checkpoint's names), run as one
+    module: one call per MoE forward whatever the routing, which is what FSDP2 needs to gather (and reduce) them as
+    one unit on every rank that holds them."""
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [n, D], rows grouped by local expert in id order, counts[j] rows for the j-th -> outputs [n, D]."""
+        outs, start = [], 0
+        for expert, n in zip(self.values(), counts, strict=True):
+            if n:
+                outs.append(expert(x[start : start + n]))
+                start += n
+        return torch.cat(outs) if outs else x
+
+
 class ExpertParallelMoE(nn.Module):
     def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None,
                  same_input: bool = False) -> None:
@@ -42,7 +57,7 @@ class ExpertParallelMoE(nn.Module):
         self.n_experts, self.top_k, self.aux_loss_alpha = moe.n_experts, moe.top_k, moe.aux_loss_alpha
         self.rank, self.world, self.group, self.same_input = rank, world, group, same_input
         self.gate = moe.gate
-        self.experts = nn.ModuleDict({str(e): moe.experts[e] for e in self.local})
+        self.experts = LocalExperts({str(e): moe.experts[e] for e in self.local})
         self.shared_experts = moe.shared_experts
         self.last_expert_load: torch.Tensor | None = None  # [E]: this rank's tokens per expert, last forward
         self.aux_loss: torch.Tensor | None = None
@@ -65,34 +80,34 @@ class ExpertParallelMoE(nn.Module):
             y = torch.cat(parts)[:N]
         return y.to(x.dtype).view(B, S, D) + self.shared_experts(x)
 
+    def _group(self) -> dist.ProcessGroup:
+        return self.group if self.group is not None else dist.group.WORLD
+
     def _dispatch_combine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, D] -> (sum_k w_k expert_k(x) [n, D] fp32, expert ids [n, k], router scores [n, E])."""
-        W, El, D = self.world, len(self.local), x.shape[1]
+        W, El = self.world, len(self.local)
         weights, indices, scores = self.gate(x)
         ids = indices.flatten()  # [n*k]
         counts = torch.bincount(ids, minlength=self.n_experts)  # [E]
         self.last_expert_load = counts.detach()
         order = ids.argsort(stable=True)
         token_of = order // self.top_k
+        if W == 1:  # every expert is local (FSDP2 without expert parallelism): no exchange
+            out = self.experts(x[token_of], counts.tolist())
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            y.index_add_(0, token_of, (out * weights.flatten()[order][:, None]).float())
+            return y, indices, scores
         # recv_counts.view(W, El)[s, j]: rows rank s sends to this rank's local expert j
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         send_splits = counts.view(W, El).sum(dim=1).tolist()
         recv_splits = recv_counts.view(W, El).sum(dim=1).tolist()
-        recv = dist_nn.all_to_all_single(x.new_empty(sum(recv_splits), D), x[token_of], recv_splits, send_splits,
-                                         group=self.group)
+        recv = funcol.all_to_all_single_autograd(x[token_of], recv_splits, send_splits, self._group())
         # rows arrive by source rank, then by expert: regroup by expert, run each once, restore the arrival order
         expert_of = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(W), recv_counts)
         perm = expert_of.argsort(stable=True)
-        grouped = recv[perm]
-        outs, start = [], 0
-        for j, n in enumerate(torch.bincount(expert_of, minlength=El).tolist()):
-            if n:
-                outs.append(self.experts[str(self.local[j])](grouped[start : start + n]))
-                start += n
-        out = torch.cat(outs)[perm.argsort()] if outs else grouped
-        back = dist_nn.all_to_all_single(x.new_empty(len(token_of), D), out, send_splits, recv_splits,
-                                         group=self.group)
+        out = self.experts(recv[perm], torch.bincount(expert_of, minlength=El).tolist())[perm.argsort()]
+        back = funcol.all_to_all_single_autograd(out, send_splits, recv_splits, self._group())
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         y.index_add_(0, token_of, (back * weights.flatten()[order][:, None]).float())
         return y, indices, scores

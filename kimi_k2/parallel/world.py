@@ -5,7 +5,7 @@ Multi node:            torchrun --nnodes M --node-rank R --nproc-per-node N --rd
                            --rdzv-endpoint HOST0:29500 -m kimi_k2.cli COMMAND ...
 The backend follows the device: NCCL for CUDA (rank r on cuda:LOCAL_RANK), gloo for the CPU, so the same code runs
 (and is tested) on CPU processes. Every function that communicates takes a process group, the default group when
-None; meshes of several dimensions (data x expert x tensor) are groups made from this world.
+None; meshes of several dimensions are groups made from this world (`TrainMesh`: FSDP2 shards x expert parallel).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 def default_device(local_rank: int = 0) -> torch.device:
@@ -72,3 +73,52 @@ def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class TrainMesh:
+    """The FSDP2 + expert-parallel layout of a training world of N = dp_shard ranks (torchtitan's "EP borrows from
+    data parallel" layout):
+
+    - `dp` [N]: every parameter outside the routed experts is sharded over all N ranks;
+    - `experts` [N / ep, ep] with dims ("efsdp", "ep"): rank = efsdp_index * ep + ep_index. The ep ranks of a row
+      split the routed experts (all-to-all dispatch among them: consecutive ranks, one node on a GPU cluster); the
+      N / ep ranks of a column hold the same experts and FSDP-shard them.
+    Every element of every parameter then lives on exactly one rank.
+    """
+
+    dp: DeviceMesh
+    experts: DeviceMesh
+
+    @property
+    def world(self) -> int:
+        return self.dp.size()
+
+    @property
+    def ep(self) -> int:
+        return self.experts["ep"].size()
+
+    @property
+    def ep_rank(self) -> int:
+        return self.experts.get_local_rank("ep")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self.experts.get_group("ep")
+
+    @property
+    def efsdp(self) -> DeviceMesh:
+        return self.experts["efsdp"]
+
+
+def build_train_mesh(info: DistInfo, dp_shard: int, ep: int = 1) -> TrainMesh:
+    """The mesh of a world of `dp_shard` ranks with the routed experts split `ep` ways (`TrainMesh`)."""
+    if dp_shard != info.world_size:
+        raise ValueError(f"[parallel] dp_shard={dp_shard} must equal the world size {info.world_size} (torchrun "
+                         "--nnodes x --nproc-per-node)")
+    if ep < 1 or dp_shard % ep:
+        raise ValueError(f"[parallel] ep={ep} must divide dp_shard={dp_shard}")
+    device = info.device.type
+    dp = init_device_mesh(device, (dp_shard,), mesh_dim_names=("dp_shard",))
+    experts = init_device_mesh(device, (dp_shard // ep, ep), mesh_dim_names=("efsdp", "ep"))
+    return TrainMesh(dp, experts)

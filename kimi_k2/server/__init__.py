@@ -8,4 +8,14 @@ In `auto` mode nothing unchecked is passed through either: a call that is cut sh
 undeclared tool or fails its schema is dropped from `tool_calls` / `tool_use` (the finish reason is then `length` /
 `stop`, never `tool_calls`), and its marker text never appears in the content. A stream has already sent the
 beginning of a call cut by `max_tokens`; its finish reason `length` says it is incomplete.
+With `required` / a named tool the reply is only a tool-call section, so stop strings (which cut text) do not apply.
+
+Under load and abuse (issue 18): every limit is a `ServerLimits` field and a `kimi-k2 serve` flag. A body over the
+size limit is answered 413 from its Content-Length before anything is read (or as soon as a chunked body passes it);
+a prompt the body alone proves too long is a 400 before tokenizing; beyond --max-queued-requests requests waiting to
+start, 429 with Retry-After; past --request-timeout a request ends with 504 (a stream: an error event) and frees its
+pages. Parsing, chat rendering, tokenization and grammar compilation run on preparation threads, never on the event
+loop or the engine thread; a schema with no finite value (a `$ref` recursion with no way out) is a 400 naming it.
+With an API key set, either presented credential (`Authorization: Bearer`, `x-api-key`) may carry it, and /metrics
+needs it too unless --public-metrics.
 """

@@ -15,20 +15,33 @@ from fastapi.responses import StreamingResponse
 from kimi_k2.engine import SamplingParams
 from kimi_k2.server import anthropic_protocol as ap
 from kimi_k2.server import conversation
-from kimi_k2.server.errors import APIError, anthropic_error
-from kimi_k2.server.generation import (
-    FinishEvent,
-    Generation,
-    TextEvent,
-    ToolEvent,
-    arguments_object,
-    collect_unless_gone,
+from kimi_k2.server.errors import APIError, anthropic_error, engine_failure
+from kimi_k2.server.generation import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object
+from kimi_k2.server.grammar import ToolPlan, lark_grammar
+from kimi_k2.server.openapi import (
+    GENERATION_ERRORS,
+    AnthropicMessage,
+    AnthropicStreamEvent,
+    RouteDoc,
+    TokenCount,
+    document,
 )
-from kimi_k2.server.grammar import lark_grammar
-from kimi_k2.server.openai_api import account
-from kimi_k2.server.state import ServerState, client_gone, launch, request_id
+from kimi_k2.server.state import (
+    ServerState,
+    account,
+    client_gone,
+    collected,
+    launch,
+    parse_body,
+    read_body,
+    request_id,
+)
 
 router = APIRouter()
+document("post", "/v1/messages",
+         RouteDoc("anthropic", ap.MessagesRequest, AnthropicMessage, AnthropicStreamEvent, GENERATION_ERRORS))
+document("post", "/v1/messages/count_tokens",
+         RouteDoc("anthropic", ap.CountTokensRequest, TokenCount, errors=(400, 401, 404, 413, 429)))
 TEMPERATURE_SCALE = 0.6
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -41,29 +54,38 @@ def stop_reason(f: FinishEvent | None) -> tuple[str, str | None]:
     return STOP_REASONS[f.reason], None
 
 
-def prepare(st: ServerState, body: ap.CountTokensRequest):
+def prepare(st: ServerState, body: ap.CountTokensRequest) -> tuple[list[int], ToolPlan | None]:
     st.check_model(body.model)
+    lim = st.limits
     try:
         messages = conversation.anthropic_messages(body)
-        tools, plan = conversation.anthropic_tools(body, messages, st.compiler)
+        st.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        tools, plan = conversation.anthropic_tools(body, messages, st.compiler, lim.max_tools, lim.max_schema_bytes)
         return st.encode_chat(messages, tools), plan
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
 
+def prepare_count(st: ServerState, raw: bytes) -> int:
+    prompt, _ = prepare(st, parse_body(ap.CountTokensRequest, raw))
+    return len(prompt)
+
+
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(body: ap.CountTokensRequest, request: Request) -> dict:
-    prompt, _ = prepare(request.app.state.k2, body)
-    return {"input_tokens": len(prompt)}
-
-
-@router.post("/v1/messages")
-async def messages(body: ap.MessagesRequest, request: Request):
+async def count_tokens(request: Request) -> dict:
     st: ServerState = request.app.state.k2
+    with st.admission.waiting():
+        return {"input_tokens": await st.off_loop(prepare_count, st, await read_body(request))}
+
+
+def prepare_messages(st: ServerState, raw: bytes) -> tuple[ap.MessagesRequest, list[int], ToolPlan | None,
+                                                          SamplingParams]:
+    body = parse_body(ap.MessagesRequest, raw)
     prompt, plan = prepare(st, body)
     stop = list(body.stop_sequences or [])
-    if any(not s for s in stop):
-        raise APIError(400, "stop_sequences must not contain empty strings", "stop_sequences")
+    st.check_stop(stop, "stop_sequences")
+    if plan is not None and plan.mode == "required":
+        stop = []  # the whole reply is one tool_use section: stop sequences, which cut text, do not apply
     try:
         constraint = st.compiler.constraint(lark_grammar(plan, None))
     except ValueError as e:
@@ -71,12 +93,21 @@ async def messages(body: ap.MessagesRequest, request: Request):
     t = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(max_tokens=st.max_tokens(len(prompt), body.max_tokens), temperature=t * TEMPERATURE_SCALE,
                             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, constraint=constraint)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden)
-    await launch(st, gen)
+    return body, prompt, plan, params
+
+
+@router.post("/v1/messages")
+async def messages(request: Request):
+    st: ServerState = request.app.state.k2
+    with st.admission.waiting():
+        deadline = st.deadline()
+        body, prompt, plan, params = await st.off_loop(prepare_messages, st, await read_body(request))
+        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden,
+                         deadline)
+        await launch(st, gen)
     if body.stream:
         return StreamingResponse(stream(st, gen, body.model), media_type="text/event-stream")
-    samples = await collect_unless_gone(gen, request.is_disconnected)
-    account(st, gen)
+    samples = await collected(st, gen, request)
     if samples is None:
         return client_gone(st)
     (s,) = samples
@@ -138,8 +169,8 @@ async def stream(st: ServerState, gen: Generation, model: str) -> AsyncIterator[
                                               "usage": {"output_tokens": sum(gen.completion_tokens)}})
         yield event("message_stop", {})
         finished = True
-    except Exception as e:  # the engine failed mid-stream: an `error` event, as Anthropic's API sends
-        yield f"event: error\ndata: {json.dumps(anthropic_error(APIError(500, f'generation failed: {e}')))}\n\n"
+    except Exception as e:  # the engine failed or timed out mid-stream: an `error` event, as Anthropic's API sends
+        yield f"event: error\ndata: {json.dumps(anthropic_error(engine_failure(e)))}\n\n"
         finished = True
     finally:
         if not finished:

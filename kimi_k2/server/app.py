@@ -1,7 +1,8 @@
-"""The ASGI app: both APIs, /health, /metrics, API keys, and errors in each API's own envelope.
+"""The ASGI app: both APIs, /health, /metrics, API keys, body size limit, and errors in each API's own envelope.
 
 Paths under /v1/messages speak Anthropic's error format, everything else OpenAI's. Any exception that escapes a
 route is reported as that API's 500 error; routes validate input first, so request content cannot reach it.
+With an API key set, every path but /health and the API docs needs it, /metrics too unless `public_metrics`.
 """
 
 from __future__ import annotations
@@ -11,56 +12,91 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from kimi_k2.server import anthropic_api, openai_api
-from kimi_k2.server.errors import APIError, anthropic_error, openai_error, pydantic_message
+from kimi_k2.server.errors import APIError, anthropic_error, openai_error
+from kimi_k2.server.openapi import Health, RouteDoc, document, openapi_schema
 from kimi_k2.server.state import ServerState
 
 log = logging.getLogger("kimi_k2.server")
-OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
+UNCOUNTED = (*OPEN_PATHS, "/metrics")
 API_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens"}
+document("get", "/health", RouteDoc("open", ok=Health))
+document("get", "/metrics", RouteDoc("openai", errors=(401,), ok_media="text/plain"))
 
 
-def error_json(request: Request, e: APIError) -> JSONResponse:
-    anthropic = request.url.path.startswith("/v1/messages")
-    body = anthropic_error(e) if anthropic else openai_error(e)
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+def error_json(path: str, e: APIError) -> JSONResponse:
+    body = anthropic_error(e) if path.startswith("/v1/messages") else openai_error(e)
+    headers = dict(e.headers or {})
+    if e.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=e.status, headers=headers)
 
 
-class AuthAndCount:
-    """Pure ASGI middleware (so routes still see client disconnects): API key check, request counts by status."""
+def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Every credential the client sent: `x-api-key` values and `Authorization: Bearer` tokens, as raw bytes (a
+    non-ASCII key arrives as UTF-8)."""
+    keys = []
+    for name, value in headers:
+        name = name.lower()
+        if name == b"x-api-key":
+            keys.append(value.strip())
+        elif name == b"authorization" and value[:7].lower() == b"bearer ":
+            keys.append(value[7:].strip())
+    return keys
+
+
+class Guard:
+    """Pure ASGI middleware (so routes still see client disconnects): API key check, the body size limit (413
+    from Content-Length before reading anything, or as soon as a chunked body passes it), request counts."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
         self.state = state
+        self.key = state.api_key.encode() if state.api_key else None
+        self.open_paths = OPEN_PATHS + (("/metrics",) if state.public_metrics else ())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, metrics = scope["path"], self.state.metrics
         label = path if path in API_PATHS else "other"  # bounded label set, no client text in /metrics
-        if self.state.api_key and not path.startswith(OPEN_PATHS):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            given = headers.get("x-api-key") or ""
-            bearer = headers.get("authorization") or ""
-            if bearer.lower().startswith("bearer "):
-                given = given or bearer[7:].strip()
-            if not hmac.compare_digest(given.encode(), self.state.api_key.encode()):
-                metrics.requests[(label, 401)] += 1
-                e = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
-                             code="invalid_api_key")
-                return await error_json(Request(scope), e)(scope, receive, send)
+        counted = not path.startswith(UNCOUNTED)
+
+        async def reply(e: APIError):
+            if counted:
+                metrics.requests[(label, e.status)] += 1
+            await error_json(path, e)(scope, receive, send)
+
+        if self.key is not None and not path.startswith(self.open_paths):
+            if not any(hmac.compare_digest(k, self.key) for k in presented_keys(scope["headers"])):
+                return await reply(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or "
+                                                 "'x-api-key: KEY')", code="invalid_api_key"))
+        limit = self.state.limits.max_request_bytes
+        too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes",
+                             code="request_too_large")
+        length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await reply(too_large)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
 
         async def counting_send(message):
-            if message["type"] == "http.response.start" and not path.startswith(OPEN_PATHS):
+            if message["type"] == "http.response.start" and counted:
                 metrics.requests[(label, message["status"])] += 1
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        await self.app(scope, limited_receive, counting_send)
 
 
 def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
@@ -78,26 +114,22 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app.state.k2 = state
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
+    app.openapi = lambda: openapi_schema(app)
 
-    app.add_middleware(AuthAndCount, state=state)
+    app.add_middleware(Guard, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return error_json(request, e)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        msg, param = pydantic_message(list(e.errors()))
-        return error_json(request, APIError(400, msg, param))
+        return error_json(request.url.path, e)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
-        return error_json(request, APIError(e.status_code, str(e.detail)))
+    async def http_error(request: Request, e: HTTPException):  # 404, 405 (its Allow header kept)
+        return error_json(request.url.path, APIError(e.status_code, str(e.detail), headers=e.headers))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return error_json(request, APIError(500, f"internal error: {type(e).__name__}"))
+        return error_json(request.url.path, APIError(500, f"internal error: {type(e).__name__}"))
 
     @app.get("/health")
     async def health() -> dict:

@@ -16,6 +16,20 @@ from kimi_k2.server.grammar import GrammarCompiler, ToolPlan
 ANY_OBJECT = {"type": "object"}
 
 
+class SchemaBudget:
+    """The JSON size of one request's schemas together (tools and response format) stays within `limit` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def spend(self, schema: object, what: str) -> None:
+        self.used += len(json.dumps(schema, ensure_ascii=False).encode())
+        if self.used > self.limit:
+            raise ValueError(f"{what}: this request's schemas are over {self.limit} bytes of JSON together (the "
+                             "server's schema size limit)")
+
+
 def _text_parts(parts: list, where: str) -> str:
     out = []
     for j, p in enumerate(parts):
@@ -56,25 +70,32 @@ def history_calls(messages: list[dict]) -> int:
     return sum(len(m.get("tool_calls") or ()) for m in messages)
 
 
-def _tools(defs: list[tuple[str, str | None, dict | None]], compiler: GrammarCompiler, where: str):
-    """(name, description, schema) -> (template tools, {name: schema}); rejects duplicates and bad schemas."""
-    schemas: dict[str, dict] = {}
+def _tools(defs: list[tuple[str, str | None, dict | None]], compiler: GrammarCompiler, where: str, max_tools: int,
+           budget: SchemaBudget) -> tuple[list[dict], ToolPlan]:
+    """(name, description, schema) -> (template tools, ToolPlan in auto mode); rejects duplicates, bad schemas and
+    requests over the tool count / schema size limits."""
+    if len(defs) > max_tools:
+        raise ValueError(f"{where}: {len(defs)} tools given; this server allows at most {max_tools} per request")
+    plan = ToolPlan({})
     rendered = []
     for i, (name, desc, schema) in enumerate(defs):
-        if name in schemas:
+        if name in plan.tools:
             raise ValueError(f"{where}[{i}]: duplicate tool name {name!r}")
         schema = ANY_OBJECT if schema is None else schema
-        compiler.check_schema(schema, f"{where}[{i}] ({name}) schema")
-        schemas[name] = schema
+        budget.spend(schema, f"{where}[{i}] ({name}) schema")
+        plan.validators[name] = compiler.check_schema(schema, f"{where}[{i}] ({name}) schema")
+        plan.tools[name] = schema
         fn = {"name": name, "parameters": schema}
         if desc:
             fn["description"] = desc
         rendered.append({"type": "function", "function": fn})
-    return rendered, schemas
+    return rendered, plan
 
 
-def openai_tools(req: op.ChatCompletionRequest, messages: list[dict], compiler: GrammarCompiler):
+def openai_tools(req: op.ChatCompletionRequest, messages: list[dict], compiler: GrammarCompiler, max_tools: int,
+                 max_schema_bytes: int):
     """-> (template tools or None, ToolPlan or None, response JSON schema or None)."""
+    budget = SchemaBudget(max_schema_bytes)
     text_schema = None
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
@@ -83,6 +104,7 @@ def openai_tools(req: op.ChatCompletionRequest, messages: list[dict], compiler: 
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
         text_schema = rf.json_schema.schema_
+        budget.spend(text_schema, "response_format.json_schema.schema")
         compiler.check_schema(text_schema, "response_format.json_schema.schema")
     choice = req.tool_choice
     if not req.tools:
@@ -90,10 +112,10 @@ def openai_tools(req: op.ChatCompletionRequest, messages: list[dict], compiler: 
             raise ValueError("tool_choice requires a non-empty 'tools' list")
         return None, None, text_schema
     defs = [(t.function.name, t.function.description, t.function.parameters) for t in req.tools]
-    rendered, schemas = _tools(defs, compiler, "tools")
-    plan = ToolPlan(schemas, parallel=req.parallel_tool_calls is not False, first_idx=history_calls(messages))
+    rendered, plan = _tools(defs, compiler, "tools", max_tools, budget)
+    plan.parallel, plan.first_idx = req.parallel_tool_calls is not False, history_calls(messages)
     if isinstance(choice, op.NamedToolChoice):
-        if choice.function.name not in schemas:
+        if choice.function.name not in plan.tools:
             raise ValueError(f"tool_choice.function.name: {choice.function.name!r} is not in 'tools'")
         plan.mode, plan.only = "required", choice.function.name
     elif choice is not None:
@@ -146,21 +168,23 @@ def anthropic_messages(req: ap.CountTokensRequest) -> list[dict]:
     return out
 
 
-def anthropic_tools(req: ap.CountTokensRequest, messages: list[dict], compiler: GrammarCompiler):
+def anthropic_tools(req: ap.CountTokensRequest, messages: list[dict], compiler: GrammarCompiler, max_tools: int,
+                    max_schema_bytes: int):
     """-> (template tools or None, ToolPlan or None)."""
     choice = req.tool_choice
     if not req.tools:
         if choice is not None and choice.type != "none":
             raise ValueError("tool_choice requires a non-empty 'tools' list")
         return None, None
-    rendered, schemas = _tools([(t.name, t.description, t.input_schema) for t in req.tools], compiler, "tools")
-    plan = ToolPlan(schemas, first_idx=history_calls(messages))
+    rendered, plan = _tools([(t.name, t.description, t.input_schema) for t in req.tools], compiler, "tools",
+                            max_tools, SchemaBudget(max_schema_bytes))
+    plan.first_idx = history_calls(messages)
     if choice is not None:
         plan.parallel = not choice.disable_parallel_tool_use
         if choice.type == "any":
             plan.mode = "required"
         elif choice.type == "tool":
-            if choice.name not in schemas:
+            if choice.name not in plan.tools:
                 raise ValueError(f"tool_choice.name: {choice.name!r} is not in 'tools'")
             plan.mode, plan.only = "required", choice.name
         else:

@@ -72,7 +72,8 @@ class Sample:
 
 class Generation:
     def __init__(self, engine, tokenizer, compiler: GrammarCompiler, prompt_ids: list[int], params: SamplingParams,
-                 plan: ToolPlan | None, request_id: str, hidden: re.Pattern | None = None):
+                 plan: ToolPlan | None, request_id: str, hidden: re.Pattern | None = None,
+                 deadline: float | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.compiler = compiler
@@ -81,6 +82,7 @@ class Generation:
         self.plan = plan
         self.request_id = request_id
         self.hidden = hidden  # chat: special-token text to drop, tool calls parsed; None: raw text (/v1/completions)
+        self.deadline = deadline  # time.monotonic() by which the engine ends the request (RequestTimeoutError)
         self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = 0
         self.completion_tokens = [0] * params.n
@@ -89,7 +91,8 @@ class Generation:
 
     async def start(self) -> None:
         """Submit and wait for the first delta: submission errors (ValueError) surface here, before any response."""
-        self._it = self.engine.generate(self.prompt_ids, self.params, request_id=self.request_id)
+        self._it = self.engine.generate(self.prompt_ids, self.params, request_id=self.request_id,
+                                        deadline=self.deadline)
         try:
             self._first = await anext(self._it)
         except BaseException:
@@ -143,15 +146,15 @@ class Generation:
         stop_sequence = None
         if reason == "stop" and self.params.stop and (not ids or ids[-1] not in self.tokenizer.stop_token_ids):
             tail = self.tokenizer.decode(ids)
-            hits = [(tail.find(s), s) for s in self.params.stop if s in tail]
-            stop_sequence = min(hits)[1] if hits else None
+            hits = [(tail.find(s) + len(s), tail.find(s), s) for s in self.params.stop if s in tail]
+            stop_sequence = min(hits)[2] if hits else None  # the one that completed first, as the engine cut
         return FinishEvent(d.index, reason, d.completion_tokens, calls, stop_sequence)
 
     def valid(self, name: str, arguments: str) -> bool:
         plan = self.plan
         if plan is None or plan.mode == "none" or name not in plan.tools or (plan.only and name != plan.only):
             return False
-        return self.compiler.validates(plan.tools[name], arguments)
+        return self.compiler.accepts(plan.validators[name], arguments)
 
 
 async def collect_unless_gone(gen: Generation, gone: Callable[[], Awaitable[bool]],

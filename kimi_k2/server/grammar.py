@@ -12,14 +12,17 @@ before the section excludes special tokens, so `auto` mode can only produce decl
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import llguidance
 import numpy as np
 import torch
+
+from kimi_k2.server.json_schema import unproductive_ref
 
 MAX_CALLS = 16  # tool calls per turn the grammar allows
 # compact-but-standard JSON (json.dumps defaults); no free whitespace, so a model cannot loop on blanks
@@ -35,6 +38,7 @@ class ToolPlan:
     only: str | None = None  # forced (named) tool
     parallel: bool = True
     first_idx: int = 0  # id of the first new call is functions.{name}:{first_idx}
+    validators: dict[str, llguidance.LLMatcher] = field(default_factory=dict)  # name -> compiled argument schema
 
 
 def _json(schema: dict) -> str:
@@ -76,14 +80,20 @@ def lark_grammar(plan: ToolPlan | None, text_schema: dict | None) -> str | None:
 
 
 class GuidedDecoding:
-    """TokenConstraint over an llguidance matcher."""
+    """TokenConstraint over an llguidance matcher. A matcher error (e.g. a parser limit hit) raises: the engine then
+    fails this request alone, instead of returning output the grammar did not finish."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.m = matcher
         self.vocab_size = vocab_size
 
+    def _check(self) -> None:
+        if self.m.is_error():
+            raise RuntimeError(f"grammar error: {self.m.get_error().splitlines()[0]}")
+
     def allowed(self) -> torch.Tensor | None:
         bits = np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8)
+        self._check()
         mask = np.unpackbits(bits, bitorder="little").astype(bool)
         out = np.zeros(self.vocab_size, dtype=bool)
         k = min(self.vocab_size, mask.size)
@@ -92,13 +102,16 @@ class GuidedDecoding:
 
     def advance(self, token_id: int) -> None:
         self.m.consume_token(token_id)
+        self._check()
 
     def is_finished(self) -> bool:
-        return self.m.is_stopped() or self.m.is_error()
+        return self.m.is_stopped()
 
 
 class GrammarCompiler:
-    """Compiles grammars once per text (LRU) and hands out fresh matchers (one per sample)."""
+    """Compiles grammars once per text (LRU) and hands out fresh matchers (one per sample). Used from the request
+    preparation threads and the engine thread: the cache is guarded by a lock, compilation runs outside it (and
+    outside the GIL), and a constraint keeps its compiled matcher, so the engine thread never compiles."""
 
     def __init__(self, tokenizer, vocab_size: int, cache_size: int = 64):
         self.vocab_size = vocab_size
@@ -119,45 +132,60 @@ class GrammarCompiler:
                                           eos_token=list(tokenizer.stop_token_ids))
         self.cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self.cache_size = cache_size
+        self.lock = threading.Lock()
 
-    def matcher(self, lark: str) -> llguidance.LLMatcher:
-        """A fresh matcher; ValueError naming the problem when the grammar (a tool or response schema) is invalid."""
-        m = self.cache.get(lark)
-        if m is None:
-            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-            err = llguidance.LLMatcher.validate_grammar(grammar, self.tok)
-            if err and not err.startswith("WARNING"):
-                raise ValueError(err.splitlines()[0])
-            m = llguidance.LLMatcher(self.tok, grammar, log_level=0)
-            if m.is_error():
-                raise ValueError(m.get_error().splitlines()[0])
+    def compiled(self, lark: str) -> llguidance.LLMatcher:
+        """The compiled (never advanced) matcher of `lark`; ValueError naming the problem when the grammar (a tool
+        or response schema) is invalid."""
+        with self.lock:
+            m = self.cache.get(lark)
+            if m is not None:
+                self.cache.move_to_end(lark)
+                return m
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        err = llguidance.LLMatcher.validate_grammar(grammar, self.tok)
+        if err and not err.startswith("WARNING"):
+            raise ValueError(err.splitlines()[0])
+        m = llguidance.LLMatcher(self.tok, grammar, log_level=0)
+        if m.is_error():
+            raise ValueError(m.get_error().splitlines()[0])
+        with self.lock:
             self.cache[lark] = m
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-        self.cache.move_to_end(lark)
-        return m.deep_copy()
+        return m
 
     def constraint(self, lark: str | None) -> Callable[[], GuidedDecoding] | None:
         if lark is None:
             return None
-        self.matcher(lark)  # compile now: bad schemas fail the request before any work
-        return lambda: GuidedDecoding(self.matcher(lark), self.vocab_size)
+        m = self.compiled(lark)  # compile now: bad schemas fail the request before any work
+        return lambda: GuidedDecoding(m.deep_copy(), self.vocab_size)
 
-    def check_schema(self, schema: object, what: str) -> None:
-        """ValueError naming `what` when `schema` is not a JSON schema llguidance can enforce."""
+    def check_schema(self, schema: object, what: str) -> llguidance.LLMatcher:
+        """The compiled schema (for `accepts`); ValueError naming `what` when `schema` is not a JSON schema
+        llguidance can enforce, or has no finite value (every value must contain another one: json_schema.py)."""
         if not isinstance(schema, dict):
             raise ValueError(f"{what} must be a JSON schema object")
         try:
-            self.matcher(f"start: {_json(schema)}")
+            m = self.compiled(f"start: {_json(schema)}")
         except ValueError as e:
             raise ValueError(f"{what} is not a supported JSON schema: {e}") from None
+        ref = unproductive_ref(schema)
+        if ref is not None:
+            where = "the schema itself" if ref == "#" else f"'$ref': {ref!r}"
+            raise ValueError(f"{what} cannot be satisfied by any finite JSON value: through {where}, every value "
+                             "must contain another value of the same schema (a recursion with no way out)")
+        return m
 
     def validates(self, schema: dict, text: str) -> bool:
         """True when `text` is JSON valid against `schema` (the same automaton the constraint uses)."""
+        return self.accepts(self.compiled(f"start: {_json(schema)}"), text)
+
+    def accepts(self, compiled: llguidance.LLMatcher, text: str) -> bool:
         try:
             value = json.loads(text)
         except ValueError:
             return False
-        m = self.matcher(f"start: {_json(schema)}")
+        m = compiled.deep_copy()
         ids = self.tok.tokenize_str(json.dumps(value, ensure_ascii=False))
         return m.consume_tokens(ids) and m.is_accepting()

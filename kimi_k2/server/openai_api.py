@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+A generation route holds a queue place (429 when the queue is full) from arrival to its first token; its body is
+parsed, rendered, tokenized and its grammar compiled on the preparation threads (`prepare_*`), off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from kimi_k2.engine import SamplingParams, TokenLogprob
 from kimi_k2.server import conversation
 from kimi_k2.server import openai_protocol as op
-from kimi_k2.server.errors import APIError, openai_error
+from kimi_k2.server.errors import APIError, engine_failure, openai_error
 from kimi_k2.server.generation import (
     FinishEvent,
     Generation,
@@ -20,12 +24,34 @@ from kimi_k2.server.generation import (
     Sample,
     TextEvent,
     ToolEvent,
-    collect_unless_gone,
 )
-from kimi_k2.server.grammar import lark_grammar
-from kimi_k2.server.state import ServerState, client_gone, launch, request_id
+from kimi_k2.server.grammar import ToolPlan, lark_grammar
+from kimi_k2.server.openapi import (
+    GENERATION_ERRORS,
+    ChatCompletion,
+    ModelList,
+    OpenAIStreamEvent,
+    RouteDoc,
+    TextCompletion,
+    document,
+)
+from kimi_k2.server.state import (
+    ServerState,
+    account,
+    client_gone,
+    collected,
+    launch,
+    parse_body,
+    read_body,
+    request_id,
+)
 
 router = APIRouter()
+document("post", "/v1/chat/completions",
+         RouteDoc("openai", op.ChatCompletionRequest, ChatCompletion, OpenAIStreamEvent, GENERATION_ERRORS))
+document("post", "/v1/completions",
+         RouteDoc("openai", op.CompletionRequest, TextCompletion, OpenAIStreamEvent, GENERATION_ERRORS))
+document("get", "/v1/models", RouteDoc("openai", ok=ModelList, errors=(401,)))
 
 
 def sse(obj: dict | str) -> str:
@@ -36,8 +62,7 @@ def sampling(st: ServerState, body: op.SamplingFields, max_tokens: int, **extra)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if any(not s for s in stop):
-        raise APIError(400, "stop strings must not be empty", "stop")
+    st.check_stop(stop, "stop")
     t = body.temperature
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if t is None else t, top_p=body.top_p or 1.0,
                           top_k=body.top_k or 0, min_p=body.min_p or 0.0,
@@ -80,15 +105,18 @@ async def models(request: Request) -> dict:
                                         "max_model_len": st.max_model_len} for n in st.model_names]}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: op.ChatCompletionRequest, request: Request):
-    st: ServerState = request.app.state.k2
+def prepare_chat(st: ServerState, raw: bytes) -> tuple[op.ChatCompletionRequest, list[int], ToolPlan | None,
+                                                      SamplingParams]:
+    body = parse_body(op.ChatCompletionRequest, raw)
     st.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    lim = st.limits
     try:
         messages = conversation.openai_messages(body)
-        tools, plan, text_schema = conversation.openai_tools(body, messages, st.compiler)
+        st.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        tools, plan, text_schema = conversation.openai_tools(body, messages, st.compiler, lim.max_tools,
+                                                             lim.max_schema_bytes)
         prompt = st.encode_chat(messages, tools)
         constraint = st.compiler.constraint(lark_grammar(plan, text_schema))
     except ValueError as e:
@@ -97,13 +125,24 @@ async def chat_completions(body: op.ChatCompletionRequest, request: Request):
     max_tokens = st.max_tokens(len(prompt), body.max_completion_tokens or body.max_tokens, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(st, body, max_tokens, logprobs=logprobs, constraint=constraint)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"), st.hidden)
-    await launch(st, gen)
+    if plan is not None and plan.mode == "required":
+        params.stop = []  # the whole reply is one tool-call section: stop strings, which cut text, do not apply
+    return body, prompt, plan, params
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    st: ServerState = request.app.state.k2
+    with st.admission.waiting():
+        deadline = st.deadline()
+        body, prompt, plan, params = await st.off_loop(prepare_chat, st, await read_body(request))
+        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"),
+                         st.hidden, deadline)
+        await launch(st, gen)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(chat_stream(st, gen, body.model, include_usage), media_type="text/event-stream")
-    samples = await collect_unless_gone(gen, request.is_disconnected)
-    account(st, gen)
+    samples = await collected(st, gen, request)
     if samples is None:
         return client_gone(st)
     return {"id": gen.request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
@@ -118,11 +157,6 @@ def chat_choice(st: ServerState, i: int, s: Sample, logprobs: bool | None) -> di
             "finish_reason": s.finish.reason if s.finish else "stop"}
 
 
-def account(st: ServerState, gen: Generation) -> None:
-    st.metrics.prompt_tokens += gen.prompt_tokens
-    st.metrics.generation_tokens += sum(gen.completion_tokens)
-
-
 async def guarded(st: ServerState, gen: Generation, chunks) -> AsyncIterator[str]:
     """Ends the stream with an error event instead of a broken connection; a client gone aborts the request."""
     finished = False
@@ -130,8 +164,8 @@ async def guarded(st: ServerState, gen: Generation, chunks) -> AsyncIterator[str
         async for c in chunks:
             yield c
         finished = True
-    except Exception as e:  # the engine failed mid-stream: tell the client in the stream itself
-        yield sse(openai_error(APIError(500, f"generation failed: {e}")))
+    except Exception as e:  # the engine failed or timed out mid-stream: tell the client in the stream itself
+        yield sse(openai_error(engine_failure(e)))
         finished = True
     finally:
         if not finished:
@@ -176,6 +210,7 @@ def prompt_ids(st: ServerState, prompt: str | list) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
+        st.check_prompt_chars(len(prompt), "prompt")
         ids = st.tokenizer.encode(prompt, allow_special=True)  # raw completions: markers in the text are tokens
     elif all(isinstance(t, int) for t in prompt):
         ids = list(prompt)
@@ -190,24 +225,31 @@ def prompt_ids(st: ServerState, prompt: str | list) -> list[int]:
     return ids
 
 
-@router.post("/v1/completions")
-async def completions(body: op.CompletionRequest, request: Request):
-    st: ServerState = request.app.state.k2
+def prepare_completion(st: ServerState, raw: bytes) -> tuple[op.CompletionRequest, list[int], SamplingParams, str]:
+    body = parse_body(op.CompletionRequest, raw)
     st.check_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     prompt = prompt_ids(st, body.prompt)
-    params = sampling(st, body, st.max_tokens(len(prompt), body.max_tokens if body.max_tokens else 16),
-                      logprobs=body.logprobs)
-    gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, None, request_id("cmpl-"))
-    await launch(st, gen)
-    echo = st.tokenizer.decode(prompt) if body.echo else ""
+    max_tokens = st.max_tokens(len(prompt), body.max_tokens if body.max_tokens else 16, prompt_param="prompt")
+    params = sampling(st, body, max_tokens, logprobs=body.logprobs)
+    return body, prompt, params, st.tokenizer.decode(prompt) if body.echo else ""
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    st: ServerState = request.app.state.k2
+    with st.admission.waiting():
+        deadline = st.deadline()
+        body, prompt, params, echo = await st.off_loop(prepare_completion, st, await read_body(request))
+        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, None, request_id("cmpl-"),
+                         deadline=deadline)
+        await launch(st, gen)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(guarded(st, gen, completion_stream(st, gen, body.model, echo, include_usage)),
                                  media_type="text/event-stream")
-    samples = await collect_unless_gone(gen, request.is_disconnected)
-    account(st, gen)
+    samples = await collected(st, gen, request)
     if samples is None:
         return client_gone(st)
     choices = [{"index": i, "text": echo + s.text, "finish_reason": s.finish.reason if s.finish else "stop",

@@ -1,16 +1,50 @@
-"""What every route needs: the engine, the tokenizer, grammar compiler, served names, metrics, shared checks."""
+"""What every route needs: the engine, the tokenizer, grammar compiler, served names, limits, metrics, checks."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
-from fastapi import Response
+from fastapi import Request, Response
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
-from kimi_k2.server.errors import APIError
+from kimi_k2.engine.async_engine import EngineOverloadedError
+from kimi_k2.server.errors import APIError, engine_failure, pydantic_message
+from kimi_k2.server.generation import Generation, Sample, collect_unless_gone
 from kimi_k2.server.grammar import GrammarCompiler
+from kimi_k2.server.limits import ServerLimits
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+PREP_THREADS = 4  # request preparation (JSON parsing, chat template, tokenization, grammar compilation)
+
+
+class Admission:
+    """Requests admitted but not generating yet (being prepared, or waiting for the engine), at most `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.queued = 0
+
+    @contextmanager
+    def waiting(self):
+        """Holds a queue place for the block (until the request's first token); 429 + Retry-After when full."""
+        if self.queued >= self.limit:
+            raise APIError(429, f"the server is busy: {self.queued} requests are already queued (the limit is "
+                                f"{self.limit}); retry after 1 second", code="queue_full", headers={"Retry-After": "1"})
+        self.queued += 1
+        try:
+            yield
+        finally:
+            self.queued -= 1
 
 
 class Metrics:
@@ -41,14 +75,24 @@ class Metrics:
 
 class ServerState:
     def __init__(self, engine, tokenizer, model_names: list[str], vocab_size: int, api_key: str | None = None,
-                 default_max_tokens: int | None = None):
-        """`default_max_tokens`: completion budget when a request sets none (None: the rest of the context)."""
+                 default_max_tokens: int | None = None, limits: ServerLimits | None = None,
+                 public_metrics: bool = False):
+        """`default_max_tokens`: completion budget when a request sets none (None: the rest of the context).
+        `api_key`: required on every API route and, unless `public_metrics`, on /metrics (None: no key)."""
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must not be empty (pass None to serve without a key)")
         self.engine = engine
         self.default_max_tokens = default_max_tokens
         self.tokenizer = tokenizer
         self.model_names = model_names
         self.api_key = api_key
+        self.public_metrics = public_metrics
+        self.limits = limits or ServerLimits()
+        self.admission = Admission(self.limits.max_queued_requests)
+        self.prep = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="kimi-k2-prep")
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
+        # a prompt of C characters has at least C / max_token_chars tokens (special tokens count by their text)
+        self.max_token_chars = max(len(tokenizer.id_to_token_bytes(i)) for i in range(tokenizer.n_vocab))
         # chat replies drop `special: true` tokens, as Hugging Face's skip_special_tokens (tool-call markers stay)
         self.hidden = re.compile("|".join(re.escape(t) for t, i in tokenizer.special_tokens.items()
                                           if i in tokenizer.skippable_ids))
@@ -58,6 +102,44 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.max_model_len - 1, self.limits.max_prompt_tokens or self.max_model_len)
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """Run CPU-heavy request work on the preparation threads, so the event loop keeps answering."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
+    def deadline(self) -> float | None:
+        t = self.limits.request_timeout_s
+        return None if t is None else time.monotonic() + t
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """400 before tokenizing when `chars` characters of prompt text alone prove the prompt too long."""
+        at_least = -(-chars // self.max_token_chars)
+        if at_least > self.max_prompt_tokens:
+            raise self.prompt_too_long(f"at least {at_least} tokens ({chars} characters, at most "
+                                       f"{self.max_token_chars} per token)", param)
+
+    def prompt_too_long(self, size: str, param: str) -> APIError:
+        if self.max_prompt_tokens == self.max_model_len - 1:
+            limit = f"this model's context is {self.max_model_len} tokens (at least 1 must be left to generate)"
+        else:
+            limit = f"this server allows at most {self.max_prompt_tokens} prompt tokens (--max-prompt-tokens)"
+        return APIError(400, f"the prompt is {size}, but {limit}", param, "context_length_exceeded")
+
+    def check_stop(self, stop: list[str], param: str) -> None:
+        lim = self.limits
+        if len(stop) > lim.max_stop_sequences:
+            raise APIError(400, f"{param} has {len(stop)} entries; at most {lim.max_stop_sequences} are allowed",
+                           param)
+        for i, s in enumerate(stop):
+            if not s:
+                raise APIError(400, f"{param}[{i}] must not be an empty string", param)
+            if len(s) > lim.max_stop_chars:
+                raise APIError(400, f"{param}[{i}] is {len(s)} characters long; at most {lim.max_stop_chars} are "
+                                    "allowed", param)
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
@@ -72,12 +154,11 @@ class ServerState:
         except Exception as e:  # the template rejects this conversation (jinja raise_exception, bad fields, ...)
             raise APIError(400, f"cannot render this conversation with the chat template: {e}", "messages") from None
 
-    def max_tokens(self, prompt_len: int, requested: int | None, param: str = "max_tokens") -> int:
+    def max_tokens(self, prompt_len: int, requested: int | None, param: str = "max_tokens",
+                   prompt_param: str = "messages") -> int:
+        if prompt_len > self.max_prompt_tokens:
+            raise self.prompt_too_long(f"{prompt_len} tokens", prompt_param)
         room = self.max_model_len - prompt_len
-        if room < 1:
-            raise APIError(400, f"the prompt is {prompt_len} tokens, but this model's context is "
-                                f"{self.max_model_len} tokens (at least 1 must be left to generate)",
-                           "messages", "context_length_exceeded")
         if requested is None:
             return min(room, self.default_max_tokens or room)
         if requested > room:
@@ -93,14 +174,48 @@ def request_id(prefix: str) -> str:
 
 async def launch(st: ServerState, gen) -> None:
     """Start a Generation (time to its first token goes to the metrics); the engine's submission errors (prompt too
-    long, bad sampling values) become 400s."""
+    long, bad sampling values) become 400s, a full queue 429, a time limit reached before the first token 504."""
     t0 = time.perf_counter()
     try:
         await gen.start()
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded" if "long" in str(e) else None) from None
+    except (EngineOverloadedError, TimeoutError, RuntimeError) as e:
+        raise engine_failure(e) from None
     st.metrics.ttft_sum += time.perf_counter() - t0
     st.metrics.ttft_count += 1
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body (the ASGI middleware has already refused one over the size limit)."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise APIError(499, "the client disconnected while sending the request") from None
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """JSON body -> `model` (run it on the preparation threads: pydantic parses big bodies without the GIL)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        msg, param = pydantic_message(list(e.errors(include_url=False)))
+        raise APIError(400, msg, param) from None
+
+
+def account(st: ServerState, gen: Generation) -> None:
+    st.metrics.prompt_tokens += gen.prompt_tokens
+    st.metrics.generation_tokens += sum(gen.completion_tokens)
+
+
+async def collected(st: ServerState, gen: Generation, request: Request) -> list[Sample] | None:
+    """The whole non-streaming answer; None when the client left first (the request is then aborted)."""
+    try:
+        return await collect_unless_gone(gen, request.is_disconnected)
+    except (TimeoutError, RuntimeError) as e:
+        raise engine_failure(e) from None
+    finally:
+        account(st, gen)
 
 
 def client_gone(st: ServerState) -> Response:

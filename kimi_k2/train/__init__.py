@@ -1,5 +1,6 @@
-"""Training: the MuonClip optimizer (Muon + AdamW + QK-Clip) and the K2 parameter split; the trainer (recipes,
-packed data, WSD/cosine schedules, atomic checkpoints, data parallel)."""
+"""Training: the MuonClip optimizer (Muon + AdamW + QK-Clip, distributed Newton-Schulz on FSDP2 shards) and the K2
+parameter split; the trainer (recipes, packed data, WSD/cosine schedules, sharded atomic checkpoints that reshard,
+data parallel or FSDP2 + expert parallel)."""
 
 from kimi_k2.train.muonclip import MuonClip, zeropower_via_newtonschulz5
 from kimi_k2.train.param_groups import param_groups

@@ -13,6 +13,10 @@ input by the Frobenius norm, so both give the same update.
 torchtitan's Kimi recipe); the RMS match then uses the block shape [R, B]. 3-D parameters [E, A, B] (stacked experts)
 are E independent matrices. Matrices of a group with the same [min, max] shape go through NS as one batch.
 
+FSDP2-sharded parameters (DTensors, rows split over ranks): momentum, weight decay, the update and the AdamW group
+work on each rank's rows; NS runs on each whole matrix once, on an owner rank (`kimi_k2.train.dist_muon`), with the
+same arithmetic as one process.
+
 NS runs in `ns_dtype`: KellerJordan/Muon and torch.optim.Muon use bfloat16 (fast on GPU); on CPU bf16 matmuls are
 slower than fp32 and fp32 is more accurate, so float32 is the default here.
 """
@@ -20,14 +24,16 @@ slower than fp32 and fp32 is more accurate, so float32 is the default here.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from kimi_k2.train.dist_muon import Matrix, NSStats, orthogonalize_buckets, orthogonalize_sharded
 from kimi_k2.train.qk_clip import QKClip, QKClipStats
 
 # KellerJordan/Muon `zeropower_via_newtonschulz5`: f(x) = a x + b x^3 + c x^5, maximal slope at 0, non-convergent
@@ -91,6 +97,7 @@ class MuonClip(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.qk_clip: QKClip | None = None
         self.qk_clip_stats: QKClipStats | None = None
+        self.ns_stats = NSStats()  # what Newton-Schulz did on this rank in the last step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -108,62 +115,97 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["use_muon"]:
+        self.ns_stats = NSStats()
+        muon = [g for g in self.param_groups if g["use_muon"]]
+        if any(isinstance(p, DTensor) for g in muon for p in g["params"]):
+            self._sharded_muon_step(muon)
+        else:
+            for group in muon:
                 self._muon_step(group)
-            else:
+        for group in self.param_groups:
+            if not group["use_muon"]:
                 self._adamw_step(group)
         if self.qk_clip is not None:
             self.qk_clip_stats = self.qk_clip.apply()
         return loss
 
-    def _muon_step(self, group: dict[str, Any]) -> None:
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        # NS works on the wide orientation [min, max]; matrices of one such shape go through it as one batch
-        # (e.g. every expert's gate/up [I, D] and down [D, I]^T): (min, max) -> [(param, tall?, blocks [n, min, max])]
-        buckets: dict[tuple[int, int], list[tuple[Tensor, bool, Tensor]]] = defaultdict(list)
+    def _momentum(self, group: dict[str, Any]) -> list[Matrix]:
+        """Update the momentum of the group's parameters that have a gradient -> their NS inputs (local rows)."""
+        mu, out = group["momentum"], []
+        key = (group["ns_steps"], group["ns_coefficients"], group["ns_eps"], group["ns_dtype"])
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mu)
-            u = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            rows, cols = group["block_rows"] or p.shape[-2], p.shape[-1]
-            u = u.reshape(-1, rows, cols)
-            tall = rows > cols
-            buckets[(min(rows, cols), max(rows, cols))].append((p, tall, u.mT if tall else u))
-        for (_, large), items in buckets.items():
-            U = items[0][2] if len(items) == 1 else torch.cat([u for *_, u in items])
-            O = zeropower_via_newtonschulz5(U, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                                            group["ns_dtype"])
-            scale = 0.2 * math.sqrt(large)
-            for (p, tall, _), o in zip(items, O.split([u.shape[0] for *_, u in items]), strict=True):
-                p.mul_(1 - lr * wd)
-                p.add_((o.mT if tall else o).reshape(p.shape), alpha=-lr * scale)
+            buf, g = _local(state["momentum_buffer"]), _local(p.grad)
+            buf.lerp_(g, 1 - mu)
+            u = g.lerp(buf, mu) if group["nesterov"] else buf
+            out.append(Matrix(p, u, p.shape, group["block_rows"], key))
+        return out
+
+    @staticmethod
+    def _apply(group: dict[str, Any], m: Matrix, o: Tensor) -> None:
+        """W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O, with [A, B] the (block) matrix shape."""
+        lr, wd = group["lr"], group["weight_decay"]
+        _, rows, cols = m.blocks
+        p = _local(m.param)
+        p.mul_(1 - lr * wd)
+        p.add_(o.reshape(p.shape), alpha=-lr * (0.2 * math.sqrt(max(rows, cols))))
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        # NS works on the wide orientation [min, max]; matrices of one such shape go through it as one batch
+        # (e.g. every expert's gate/up [I, D] and down [D, I]^T)
+        matrices = self._momentum(group)
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs = orthogonalize_buckets([(m.u, m) for m in matrices], _newton_schulz)
+        self.ns_stats.ns_seconds += time.perf_counter() - t0
+        self.ns_stats.ns_cpu_seconds += time.process_time() - c0
+        self.ns_stats.matrices += sum(m.blocks[0] for m in matrices)
+        for m, o in zip(matrices, outs, strict=True):
+            self._apply(group, m, o)
+
+    def _sharded_muon_step(self, groups: list[dict[str, Any]]) -> None:
+        """Muon on FSDP2-sharded (DTensor) parameters: momentum and the update on the local rows, NS of each whole
+        matrix once, by its owner rank (`dist_muon`)."""
+        per_group = [(g, self._momentum(g)) for g in groups]
+        matrices = [m for _, ms in per_group for m in ms]
+        outs = iter(orthogonalize_sharded(matrices, _newton_schulz, self.ns_stats))
+        for group, ms in per_group:
+            for m in ms:
+                self._apply(group, m, next(outs))
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        # the arithmetic of torch.optim.AdamW's single-tensor path, op for op
+        # the arithmetic of torch.optim.AdamW's single-tensor path, op for op (on the local rows of a sharded tensor)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
+        for param in group["params"]:
+            if param.grad is None:
                 continue
-            g = p.grad
-            state = self.state[p]
+            p, g = _local(param), _local(param.grad)
+            state = self.state[param]
             if "step" not in state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
             state["step"] += 1
-            t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            t, m, v = state["step"], _local(state["exp_avg"]), _local(state["exp_avg_sq"])
             p.mul_(1 - lr * wd)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
             p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor the arithmetic runs on: a DTensor's local rows (elementwise ops need no communication)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _newton_schulz(U: Tensor, key: tuple) -> Tensor:
+    steps, coefficients, eps, dtype = key
+    return zeropower_via_newtonschulz5(U, steps, coefficients, eps, dtype)
 
 
 def _check_group(i: int, group: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ The logit is softmax_scale * (q_nope . k_nope + q_rope . k_rope), so it scales b
 tau. The shared rotary key (kv_a_proj_with_mqa's k_pe rows) and the v rows of kv_b_proj are left alone.
 Row layouts: q_b_proj out = per head [q_nope (qk_nope_head_dim) | q_rope (qk_rope_head_dim)];
              kv_b_proj out = per head [k_nope (qk_nope_head_dim) | v (v_head_dim)].
+Under FSDP2 the weights are row-sharded DTensors: the factors are per row, so each rank scales the rows it holds (a
+head's rows may straddle two ranks), on the fp32 master shards; S^h_max is first max-reduced over the ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from kimi_k2.parallel.fsdp import local_rows
 
 
 @dataclass
@@ -109,12 +113,14 @@ class QKClip:
         return QKClipStats([name for name, _ in self.layers], S, gamma)
 
     def _clip(self, name: str, attn: nn.Module, gamma: Tensor) -> None:
-        root = gamma.sqrt()[:, None, None]  # [H, 1, 1]
-        wq = self._q_weight(name, attn).view(self.n_heads, self.d_nope + self.d_rope, -1)  # [H, nope+rope, in]
-        wq[:, : self.d_nope].mul_(root.to(wq.dtype))
-        wq[:, self.d_nope :].mul_(gamma[:, None, None].to(wq.dtype))
-        wkv = self._kv_weight(name, attn).view(self.n_heads, self.d_nope + self.d_v, -1)  # [H, nope+v, kv_lora]
-        wkv[:, : self.d_nope].mul_(root.to(wkv.dtype))
+        root = gamma.sqrt()[:, None]  # [H, 1]
+        ones = torch.ones_like(root)
+        # one factor per output row of the whole matrix; a row-sharded (FSDP2) weight scales the rows it holds
+        q_rows = torch.cat([root.expand(-1, self.d_nope), gamma[:, None].expand(-1, self.d_rope)], dim=1).flatten()
+        kv_rows = torch.cat([root.expand(-1, self.d_nope), ones.expand(-1, self.d_v)], dim=1).flatten()
+        for w, factor in ((self._q_weight(name, attn), q_rows), (self._kv_weight(name, attn), kv_rows)):
+            local, start = local_rows(w)
+            local.mul_(factor[start : start + local.shape[0], None].to(device=local.device, dtype=local.dtype))
 
     def _q_weight(self, name: str, attn: nn.Module) -> Tensor:
         for attr in ("q_b_proj", "q_proj"):

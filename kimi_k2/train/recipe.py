@@ -1,4 +1,4 @@
-"""Training recipe: a TOML file with [model], [data], [optim], [schedule] and [train] sections.
+"""Training recipe: a TOML file with [model], [data], [optim], [schedule], [train] and [parallel] sections.
 
 Unknown sections or keys are errors naming the key. Relative input paths (data, tokenizer, model config, init_from)
 are resolved against the recipe file's folder; train.out_dir is relative to the working directory.
@@ -91,12 +91,29 @@ class TrainSection:
     progress: bool = True
 
 
+@dataclass
+class ParallelSection:
+    """How the ranks of a torchrun world split the model (kimi_k2.parallel). dp_shard = 1: data parallel (DDP), every
+    rank a full replica (train.expert_parallel shards the routed experts over all ranks); dp_shard = N (the world
+    size, or -1 for it): FSDP2, parameters, gradients and optimizer state sharded N ways, with the routed experts
+    split over ep ranks (ep divides N) and FSDP-sharded over the other N / ep."""
+
+    dp_shard: int = 1
+    ep: int = 1
+    # FSDP2 mixed precision: the dtype of the gathered parameters forward and backward run in (masters stay fp32,
+    # gradients are reduced in fp32); "auto": bfloat16 on a GPU that has it, else float32
+    param_dtype: str = "auto"
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: keep them (ZeRO-2)
+    activation_checkpointing: bool = False  # FSDP2: keep each block's input only, recompute its forward in backward
+
+
 SECTIONS = {
     "model": ModelSection,
     "data": DataSection,
     "optim": OptimSection,
     "schedule": ScheduleSection,
     "train": TrainSection,
+    "parallel": ParallelSection,
 }
 
 
@@ -107,6 +124,7 @@ class Recipe:
     optim: OptimSection
     schedule: ScheduleSection
     train: TrainSection
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> Recipe:
@@ -173,6 +191,19 @@ class Recipe:
         need(t.log_every >= 1, "[train] log_every must be >= 1")
         need(t.ckpt_every >= 0 and t.eval_every >= 0, "[train] ckpt_every and eval_every must be >= 0")
         need(t.moe_bias_update_speed >= 0, "[train] moe_bias_update_speed must be >= 0")
+        par = self.parallel
+        need(par.dp_shard >= 1 or par.dp_shard == -1, "[parallel] dp_shard must be >= 1, or -1 for the world size")
+        need(par.ep >= 1, "[parallel] ep must be >= 1")
+        need(par.ep == 1 or par.dp_shard != 1, "[parallel] ep > 1 needs FSDP2 (dp_shard > 1 or -1); with data "
+                                               "parallel use train.expert_parallel = true")
+        need(par.dp_shard == 1 or not t.expert_parallel, "[train] expert_parallel is the data-parallel (dp_shard = 1) "
+                                                         "way; under FSDP2 set [parallel] ep")
+        need(par.param_dtype in ("auto", "float32", "bfloat16"),
+             f"[parallel] param_dtype {par.param_dtype!r} must be auto, float32 or bfloat16")
+        need(par.dp_shard != 1 or not par.activation_checkpointing,
+             "[parallel] activation_checkpointing is built for FSDP2 (dp_shard > 1 or -1)")
+        need(par.dp_shard == 1 or t.dtype == "float32", "[train] dtype = 'bfloat16' (autocast) is the data-parallel "
+                                                        "way; under FSDP2 set [parallel] param_dtype")
         self.model.build_config()
         Schedule(**vars(self.schedule))
 

@@ -6,9 +6,10 @@ One optimizer step t:
   aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_e += gamma * sign(mean(load) - load_e), load summed over the
   step's micro-batches and ranks
 Logs go to OUT/log.jsonl (and TensorBoard when asked); checkpoints to OUT/checkpoints; the final model to OUT/final.
-Under torchrun the ranks train data parallel (`kimi_k2.parallel`), optionally with the routed experts split over them
-(`train.expert_parallel`). Checkpoints are written by rank 0 (by every rank under expert parallelism) into
-train.out_dir, so across machines out_dir must be on a filesystem every node sees for a run to resume.
+Under torchrun the ranks train data parallel, or FSDP2-sharded with expert parallelism (`layout.py`, from the recipe's
+[parallel] section). Every rank writes its shards of each checkpoint into train.out_dir (`checkpointing.py`), so
+across machines out_dir must be on a filesystem every node sees; a run resumes on any layout and world size that
+keeps its global batch (micro_batch x grad_accum x ranks).
 """
 
 from __future__ import annotations
@@ -22,24 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kimi_k2.checkpoint import save_state_dict
-from kimi_k2.checkpoint.writer import is_weight_file, remove_interrupted_writes
+from kimi_k2.checkpoint import ShardWriter
+from kimi_k2.checkpoint.reader import FP32_TENSORS
+from kimi_k2.checkpoint.writer import checkpoint_config, is_weight_file, prepare, remove_interrupted_writes
 from kimi_k2.model import K2ForCausalLM
-from kimi_k2.parallel import (
-    DistInfo,
-    all_reduce_,
-    barrier,
-    gather_full_state_dict,
-    init_distributed,
-    shard_experts,
-    shutdown,
-    wrap_data_parallel,
-)
+from kimi_k2.parallel import DistInfo, all_reduce_, barrier, init_distributed, shutdown
+from kimi_k2.parallel.fsdp import load_sharded, stream_full_state_dict
 from kimi_k2.train import checkpointing
 from kimi_k2.train.data import IGNORE_INDEX, BatchOrder, PackedRows, expand_paths, load_pretrain, load_sft
+from kimi_k2.train.layout import Layout, uses_fsdp
+from kimi_k2.train.memory import RankMemory, measure
 from kimi_k2.train.optim import build_optimizer
 from kimi_k2.train.param_groups import freeze
 from kimi_k2.train.recipe import Recipe
@@ -95,18 +92,26 @@ class Trainer:
         self.config = recipe.model.build_config()
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.train_rows, self.val_rows = load_data(recipe, self.tokenizer, self.config.vocab_size)
-        if recipe.model.init_from:
+        # FSDP2 from a checkpoint: shard on the meta device, then each rank reads only its rows (no rank ever holds
+        # the model); a random init is drawn whole on every rank (the same values as one process) and then sharded
+        sharded_load = recipe.model.init_from is not None and uses_fsdp(recipe.parallel, self.dist)
+        if sharded_load:
+            with torch.device("meta"):
+                self.model = K2ForCausalLM(self.config)
+        elif recipe.model.init_from:
             self.model = K2ForCausalLM.from_pretrained(recipe.model.init_from, dtype=torch.float32)
         else:
             self.model = K2ForCausalLM.from_config(self.config, dtype=torch.float32)
-        self.model.to(self.device).train()
+        if not sharded_load:
+            self.model.to(self.device)
+        self.model.train()
         freeze(self.model, t.freeze)
-        self.local_experts: list[str] = []  # expert-parallel: this rank's expert parameter names
-        if t.expert_parallel and self.dist.enabled:
-            self.local_experts = shard_experts(self.model, self.dist.rank, self.dist.world_size)
-        self.ep = bool(self.local_experts)
-        self.ddp_model = wrap_data_parallel(self.model, self.dist, ignore=self.local_experts)
+        self.layout = Layout(self.model, recipe.parallel, t.expert_parallel, self.dist)
+        if sharded_load:
+            self.model.to_empty(device=self.device)
+            load_sharded(self.model, recipe.model.init_from)
         self.optimizer, self.qk_clip = build_optimizer(self.model, recipe.optim)
+        self.memory: list[RankMemory] | None = None  # every rank's, measured in the first step
         self.schedule = Schedule(**vars(recipe.schedule))
         self.order = BatchOrder(len(self.train_rows), t.micro_batch, t.grad_accum, self.dist.world_size, t.seed)
         layers = self.model.model.layers
@@ -132,14 +137,13 @@ class Trainer:
         for m, (x, y) in enumerate(batches):
             x, y = x.to(self.device), y.to(self.device)
             last = m == t.grad_accum - 1
-            no_sync = self.ddp_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
-            with no_sync:
+            with self.layout.sync(last):
                 with self.autocast:
-                    logits = self.ddp_model(x)
+                    logits = self.layout.forward_model(x)
                 ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                      reduction="sum")
                 aux = sum((e.aux_loss for e in self.moe if e.aux_loss is not None), torch.zeros((), device=ce.device))
-                # DDP averages gradients over ranks: scaling by world makes the CE term the global token mean
+                # DDP / FSDP average gradients over ranks: scaling by world makes the CE term the global token mean
                 loss = ce * (world / n_targets.item()) + aux / t.grad_accum
                 loss.backward()
             ce_total += ce.detach().float().cpu()
@@ -151,13 +155,20 @@ class Trainer:
                     max_logits[i] = torch.maximum(max_logits[i], a.max_logits.float().cpu())
         ce_total, aux_total = all_reduce_(ce_total, self.dist), all_reduce_(aux_total, self.dist) / world
         load = all_reduce_(load, self.dist)
-        grad_norm = self.clip_gradients(t.grad_clip or math.inf)
+        self.layout.drop_idle_expert_grads(load)
+        grad_norm = self.layout.clip_gradients(t.grad_clip or math.inf)
         self.optimizer.step()
         clip_stats: dict[str, Any] = {}
         if track_logits:
             max_logits = all_reduce_(max_logits, self.dist, op="max")
             if self.qk_clip is not None:
                 clip_stats = self.qk_clip(max_logits)
+        if self.memory is None:
+            mine = measure(self.model, self.optimizer, self.layout.local_experts, self.layout.ep,
+                           self.dist.world_size if self.layout.fsdp else 1)
+            self.memory = [mine] if not self.dist.enabled else [None] * self.dist.world_size
+            if self.dist.enabled:
+                dist.all_gather_object(self.memory, mine)
         self.optimizer.zero_grad(set_to_none=True)
         self.update_router_bias(load)
         return StepStats(
@@ -171,31 +182,6 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """Scale gradients to a global L2 norm <= max_norm; return the norm before clipping."""
-        if not self.ep:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        local = set(self.local_experts)
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        experts = [p for n, p in named if n in local]
-        for p in experts:  # summed over every rank's loss by the all-to-all backward; DDP averages the rest
-            p.grad.div_(self.dist.world_size)
-        sq = torch.zeros((), dtype=torch.float64)
-        sq_experts = torch.zeros((), dtype=torch.float64)
-        for n, p in named:
-            if n in local:
-                sq_experts += p.grad.double().square().sum().cpu()
-            else:
-                sq += p.grad.double().square().sum().cpu()
-        norm = (sq + all_reduce_(sq_experts, self.dist)).sqrt().float()
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1:
-            for _, p in named:
-                p.grad.mul_(coef.to(p.grad))
-        return norm
-
-    @torch.no_grad()
     def update_router_bias(self, load: torch.Tensor) -> None:
         gamma = self.recipe.train.moe_bias_update_speed
         if gamma == 0:
@@ -204,33 +190,32 @@ class Trainer:
             bias = mlp.gate.e_score_correction_bias
             bias += gamma * torch.sign(load[j].mean() - load[j]).to(bias)
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token CE on the first eval_batches micro-batches of the validation rows.
+        """Mean token CE on the first eval_batches micro-batches of the validation rows, shared out over the ranks.
 
-        Data parallel: the batches are shared out over the ranks. Expert parallel: every rank runs every batch, as the
-        all-to-all needs every rank in every forward.
+        Every rank runs the same number of forwards (under FSDP2 and expert parallelism a forward is collective): a
+        rank with no batch left in a round runs the round's first one and does not count it.
         """
         if self.val_rows is None:
             return None
-        t = self.recipe.train
+        t, world, rank = self.recipe.train, self.dist.world_size, self.dist.rank
         self.model.eval()
         ce, n = torch.zeros(()), torch.zeros(())
         for a in self.attn:
             a.track_max_logits = False
-        starts = range(0, len(self.val_rows), t.micro_batch)
-        for i, s in enumerate(list(starts)[: t.eval_batches]):
-            if not self.ep and i % self.dist.world_size != self.dist.rank:
-                continue
+        starts = list(range(0, len(self.val_rows), t.micro_batch))[: t.eval_batches]
+        for first in range(0, len(starts), world):
+            mine = first + rank < len(starts)
+            s = starts[first + rank] if mine else starts[first]
             x, y = self.val_rows.inputs_and_labels(torch.arange(s, min(s + t.micro_batch, len(self.val_rows))))
-            with self.autocast:
-                logits = self.model(x.to(self.device))
-            ce += F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
-                                  ignore_index=IGNORE_INDEX, reduction="sum").cpu()
-            n += (y != IGNORE_INDEX).sum()
+            with self.layout.eval_mode(), self.autocast:
+                logits = self.model(x.to(self.device)).detach()
+            if mine:
+                ce += F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
+                                      ignore_index=IGNORE_INDEX, reduction="sum").cpu()
+                n += (y != IGNORE_INDEX).sum()
         self.model.train()
-        if not self.ep:
-            ce, n = all_reduce_(ce, self.dist), all_reduce_(n, self.dist)
+        ce, n = all_reduce_(ce, self.dist), all_reduce_(n, self.dist)
         return (ce / n.clamp(min=1)).item()
 
     # ---- run ---------------------------------------------------------------------------------------------
@@ -238,8 +223,12 @@ class Trainer:
         """Continue from the latest checkpoint, or from step 0 when there is none."""
         ckpt = checkpointing.latest_checkpoint(self.out)
         if ckpt is not None:
-            state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer,
-                                                  self.dist.rank if self.ep else None)
+            state = checkpointing.load_checkpoint(ckpt, self.model, self.optimizer)
+            saved = state.get("global_batch", self.order.global_batch)
+            if saved != self.order.global_batch:
+                raise ValueError(f"{ckpt} was written with a global batch of {saved} rows; this run's is "
+                                 f"{self.order.global_batch} (micro_batch x grad_accum x {self.dist.world_size} "
+                                 "ranks): set train.grad_accum / micro_batch so that it stays the same")
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.dist.is_main:
             self._truncate_log(self.step)
@@ -268,33 +257,29 @@ class Trainer:
                         self.tb.add_scalar(f"{k}/{i}", x, record["step"])
 
     def save(self) -> None:
-        t = self.recipe.train
-        state = {"tokens_seen": self.tokens_seen}
-        if not self.ep:
-            if self.dist.is_main:
-                checkpointing.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, t.keep_last)
-            barrier(self.dist)
-            return
-        # expert parallel: every rank writes its shard into the temp folder; rank 0 then commits it
-        tmp = self.out / "checkpoints" / f".tmp_step_{self.step:08d}"
-        if self.dist.is_main:
-            tmp = checkpointing.begin_checkpoint(self.out, self.step)
-        barrier(self.dist)
-        model_file, optim_file = checkpointing.shard_names(self.dist.rank)
-        checkpointing.write_files(tmp, {model_file: self.model.state_dict(), optim_file: self.optimizer.state_dict()})
-        barrier(self.dist)
-        if self.dist.is_main:
-            checkpointing.write_files(tmp, {"state.pt": {**state, "step": self.step, "rng": checkpointing.rng_state()}})
-            checkpointing.commit_checkpoint(self.out, self.step, tmp, t.keep_last)
-        barrier(self.dist)
+        state = {"tokens_seen": self.tokens_seen, "samples": self.step * self.order.global_batch,
+                 "global_batch": self.order.global_batch, "layout": json.dumps(self.layout.describe())}
+        checkpointing.save_checkpoint(self.out, self.step, self.model, self.optimizer, state,
+                                      self.recipe.train.keep_last)
 
     def export(self) -> Path:
+        """The final model in the HF layout (block-FP8 with train.export_fp8), streamed one full tensor at a time
+        into rank 0's writer: no rank ever holds the whole model (`stream_full_state_dict`)."""
         final = self.out / "final"
-        full = gather_full_state_dict(self.model) if self.ep else self.model.state_dict()
-        if self.dist.is_main:  # the tokenizer files go into the same atomic write as the weights
-            tokenizer = [f for f in Path(self.recipe.data.tokenizer).iterdir() if f.is_file()
-                         and not is_weight_file(f.name)] if self.recipe.data.tokenizer else []
-            save_state_dict(full, final, self.config, fp8=self.recipe.train.export_fp8, extra_files=tokenizer)
+        with torch.device("meta"):
+            names = list(K2ForCausalLM(self.config).state_dict())
+        fp8 = self.recipe.train.export_fp8
+        writer = ShardWriter(final) if self.dist.is_main else None
+        with writer or contextlib.nullcontext():
+            dtype = None
+            for name, t in stream_full_state_dict(self.model, names):
+                if writer is not None:
+                    dtype = dtype or (t.dtype if t.is_floating_point() and not name.endswith(FP32_TENSORS) else None)
+                    writer.add(prepare(name, t.cpu(), fp8))
+            if writer is not None:  # the tokenizer files go into the same atomic write as the weights
+                tokenizer = [f for f in Path(self.recipe.data.tokenizer).iterdir() if f.is_file()
+                             and not is_weight_file(f.name)] if self.recipe.data.tokenizer else []
+                writer.commit(checkpoint_config(self.config, fp8, dtype), tokenizer)
         barrier(self.dist)
         return final
 
@@ -336,6 +321,8 @@ class Trainer:
                     "tokens_per_s": (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9),
                     **{f"qk_clip_{k}": v for k, v in stats.qk_clip.items()},
                 }
+                if self.step == 1 and self.memory is not None:
+                    last |= {"layout": self.layout.describe(), "memory": [m.as_dict() for m in self.memory]}
                 self.log(last)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
             if t.eval_every and self.step % t.eval_every == 0 and self.step < total:
