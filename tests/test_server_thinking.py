@@ -6,6 +6,7 @@ and a history that carries the reasoning of the current tool loop as the K2-Thin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -13,6 +14,17 @@ import anthropic
 import httpx
 import openai
 import pytest
+from agents import (
+    Agent,
+    ModelSettings,
+    Runner,
+    ToolsToFinalOutputResult,
+    function_tool,
+    set_default_openai_client,
+    set_tracing_disabled,
+)
+from agents.models.multi_provider import MultiProvider
+from agents.models.openai_responses import OpenAIResponsesModel
 from server_fixtures import API_KEY, MODEL, ServerThread, make_state
 from thinking_fixtures import make_scripted_thinking_dir
 
@@ -155,3 +167,36 @@ def test_responses_reasoning_item_then_function_call(thinking, oai):
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     final = events[-1]["response"]
     assert [o["type"] for o in final["output"]] == ["reasoning", "function_call"]
+
+
+def test_openai_agents_default_model_runs_a_tool_loop(thinking):
+    """openai-agents with its default model class (OpenAIResponsesModel over /v1/responses): the model reasons and
+    calls `lookup`, the SDK runs it and sends its output back (with the reasoning item), the model calls again with
+    the next K2 id (so the fed-back history reached it), and the loop ends after the second result."""
+    set_tracing_disabled(True)
+    set_default_openai_client(openai.AsyncOpenAI(base_url=thinking[0] + "/v1", api_key=API_KEY, max_retries=0),
+                              use_for_tracing=False)
+    results: list[str] = []
+
+    @function_tool
+    def lookup() -> str:
+        """Look it up."""
+        results.append(f"result {len(results) + 1}")
+        return results[-1]
+
+    def after_two(ctx, tool_results) -> ToolsToFinalOutputResult:
+        done = len(results) >= 2
+        return ToolsToFinalOutputResult(is_final_output=done, final_output=tool_results[-1].output if done else None)
+
+    agent = Agent(name="k2", instructions="Answer briefly.", tools=[lookup], model=MODEL,
+                  model_settings=ModelSettings(temperature=0), tool_use_behavior=after_two)
+    run = asyncio.run(Runner.run(agent, "hi", max_turns=4))
+    assert run.final_output == "result 2" and len(run.raw_responses) == 2
+    kinds = [(type(i).__name__, getattr(i.raw_item, "call_id", None) if not isinstance(i.raw_item, dict)
+              else i.raw_item["call_id"]) for i in run.new_items]
+    assert kinds == [("ReasoningItem", None), ("ToolCallItem", "functions.lookup:0"),
+                     ("ToolCallOutputItem", "functions.lookup:0"), ("ReasoningItem", None),
+                     ("ToolCallItem", "functions.lookup:1"), ("ToolCallOutputItem", "functions.lookup:1")]
+    first, second = (r.usage.input_tokens for r in run.raw_responses)
+    assert second > first
+    assert isinstance(MultiProvider().get_model(MODEL), OpenAIResponsesModel)  # the default model class
