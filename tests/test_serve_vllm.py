@@ -17,8 +17,7 @@ import openai
 import pytest
 from server_fixtures import free_port
 from test_hub import write_cache
-from test_server_thinking import SCRIPT, TOOLS
-from thinking_fixtures import make_scripted_thinking_dir
+from thinking_fixtures import LOOKUP_SCRIPT, LOOKUP_TOOLS, make_scripted_thinking_dir
 
 from kimi_k2.cli import main, parse
 from kimi_k2.cli.serve import chat_template, vllm_notes
@@ -70,7 +69,7 @@ def test_bad_vllm_flags_are_usage_errors(extra, message, capsys, tmp_path):
 def test_guide_command_serves_a_hub_repo_offline(k2_tokenizer_dir: Path, tmp_path: Path):
     """The guide's command (one process: --tensor-parallel-size 1) plus --reasoning-parser kimi_k2, MODEL a repo id
     resolved from the Hub cache with HF_HUB_OFFLINE=1."""
-    model_dir = make_scripted_thinking_dir(k2_tokenizer_dir, tmp_path / "model", SCRIPT)
+    model_dir = make_scripted_thinking_dir(k2_tokenizer_dir, tmp_path / "model", LOOKUP_SCRIPT)
     cache = tmp_path / "hf" / "hub"
     write_cache(cache, REPO, "c" * 40, {p.name: p.read_bytes() for p in model_dir.iterdir()})
     port = free_port()
@@ -94,7 +93,7 @@ def test_guide_command_serves_a_hub_repo_offline(k2_tokenizer_dir: Path, tmp_pat
         card = client.models.retrieve("kimi-k2")
         assert card.id == "kimi-k2" and card.max_model_len == 1024
         r = client.chat.completions.create(model="kimi-k2", messages=[{"role": "user", "content": "hi"}],
-                                           tools=TOOLS, temperature=0)
+                                           tools=LOOKUP_TOOLS, temperature=0)
         msg = r.choices[0].message
         assert msg.reasoning_content == "hmm" and msg.tool_calls[0].id == "functions.lookup:0"
     finally:

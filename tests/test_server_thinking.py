@@ -26,13 +26,10 @@ from agents import (
 from agents.models.multi_provider import MultiProvider
 from agents.models.openai_responses import OpenAIResponsesModel
 from server_fixtures import API_KEY, MODEL, ServerThread, make_state
-from thinking_fixtures import make_scripted_thinking_dir
+from thinking_fixtures import LOOKUP_SCRIPT, LOOKUP_TOOLS, make_scripted_thinking_dir
 
-SCRIPT = ["<think>", "h", "mm", "</think>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>", "function", "s",
-          ".", "lo", "ok", "up", ":", "0", "<|tool_call_argument_begin|>", "{", "}", "<|tool_call_end|>",
-          "<|tool_calls_section_end|>"]
+SCRIPT, TOOLS = LOOKUP_SCRIPT, LOOKUP_TOOLS
 EMPTY = {"type": "object", "properties": {}}
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "look it up", "parameters": EMPTY}}]
 ASK = [{"role": "user", "content": "hi"}]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 

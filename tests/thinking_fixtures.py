@@ -17,6 +17,14 @@ from kimi_k2.model import K2ForCausalLM
 from kimi_k2.tokenizer.chat_template import builtin_template
 from kimi_k2.tokenizer.specials import K2_THINKING_SPECIAL_OFFSETS, added_tokens_decoder
 
+# what the scripted model of make_scripted_thinking_dir writes for the server tests: `<think>hmm</think>`, then a
+# call of the tool `lookup` with `{}` (one token each in the tests' trained tokenizer, none repeated)
+LOOKUP_SCRIPT = ["<think>", "h", "mm", "</think>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>", "function",
+                 "s", ".", "lo", "ok", "up", ":", "0", "<|tool_call_argument_begin|>", "{", "}", "<|tool_call_end|>",
+                 "<|tool_calls_section_end|>"]
+LOOKUP_TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "look it up",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+
 
 def thinking_tokenizer_files(tokenizer_dir: Path, out: Path) -> int:
     """Write tiktoken.model (from `tokenizer_dir`), a tokenizer_config.json with the K2-Thinking specials and the
