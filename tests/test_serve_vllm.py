@@ -76,6 +76,7 @@ def test_guide_command_serves_a_hub_repo_offline(k2_tokenizer_dir: Path, tmp_pat
     command = argv(GUIDE_TP.replace("--tensor-parallel-size 16", "--tensor-parallel-size 1"), REPO)
     command[command.index("--port") + 1] = str(port)
     command += ["--reasoning-parser", "kimi_k2", "--api-key", KEY, "--max-model-len", "1k", "--dtype", "auto",
+                "--enforce-eager",  # vLLM: no CUDA graphs; here: no compiled decode (and no compile time)
                 "--uvicorn-log-level", "warning"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache)}
     proc = subprocess.Popen([sys.executable, "-m", "kimi_k2.cli", *command], env=env, stdout=subprocess.PIPE,
