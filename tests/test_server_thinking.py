@@ -119,7 +119,8 @@ ANTHROPIC_TOOLS = [{"name": "lookup", "description": "look it up", "input_schema
 
 def test_anthropic_thinking_block_then_tool_use(thinking):
     client = anthropic.Anthropic(base_url=thinking[0], api_key=API_KEY, max_retries=0)
-    kw = dict(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS, extra_body={"temperature": 0})
+    kw = dict(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS, extra_body={"temperature": 0},
+              thinking={"type": "enabled", "budget_tokens": 32})  # accepted; K2-Thinking always reasons
     full = client.messages.create(**kw)
     assert [b.type for b in full.content] == ["thinking", "tool_use"] and full.stop_reason == "tool_use"
     assert full.content[0].thinking == "hmm"
