@@ -83,6 +83,17 @@ class K2Config:
         return q.get("quant_method") == "fp8"
 
     @property
+    def is_int4(self) -> bool:
+        """Routed experts (the config's targets) stored INT4 in compressed-tensors' pack-quantized format."""
+        q = self.quantization_config or {}
+        return q.get("quant_method") == "compressed-tensors"
+
+    @property
+    def int4_group_size(self) -> int:
+        (group,) = (self.quantization_config or {})["config_groups"].values()
+        return group["weights"]["group_size"]
+
+    @property
     def weight_block_size(self) -> tuple[int, int]:
         q = self.quantization_config or {}
         return tuple(q.get("weight_block_size", (128, 128)))  # type: ignore[return-value]
@@ -148,9 +159,15 @@ class K2Config:
                 need("factor" in rs and float(rs["factor"]) >= 1, "yarn rope_scaling needs factor >= 1")
                 need("original_max_position_embeddings" in rs,
                      "yarn rope_scaling needs original_max_position_embeddings")
-        if self.quantization_config is not None:
-            q = self.quantization_config
-            need(q.get("quant_method") == "fp8", f"quant_method {q.get('quant_method')!r} unsupported (only fp8)")
+        q = self.quantization_config
+        if q is not None and q.get("quant_method") == "compressed-tensors":
+            try:
+                check_quantization_config(q)
+            except ValueError as e:
+                need(False, str(e))
+        elif q is not None:
+            need(q.get("quant_method") == "fp8",
+                 f"quant_method {q.get('quant_method')!r} unsupported (fp8, or compressed-tensors INT4)")
             need(q.get("fmt", "e4m3") == "e4m3", f"fp8 fmt {q.get('fmt')!r} unsupported (only e4m3)")
             need(len(q.get("weight_block_size", [128, 128])) == 2, "weight_block_size must have two entries")
 
@@ -287,6 +304,55 @@ KIMI_K2_INSTRUCT_0905 = copy.deepcopy(KIMI_K2_INSTRUCT)
 KIMI_K2_INSTRUCT_0905["rope_scaling"]["factor"] = 64.0
 KIMI_K2_INSTRUCT_0905["max_position_embeddings"] = 262144
 
+# Kimi-K2-Thinking's quantization_config (shared/reference/kimi_k2_formats.md, "Beyond the seeds"): INT4 weight-only,
+# symmetric, groups of 32 inputs, packed eight to an int32 (kimi_k2.checkpoint.int4); every Linear but the ignored
+# ones, which leaves the routed experts.
+K2_THINKING_INT4_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                           r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+
+
+def int4_quantization_config(group_size: int = 32, ignore: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "config_groups": {"group_0": {
+            "input_activations": None, "output_activations": None, "targets": ["Linear"],
+            "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group_size,
+                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                        "symmetric": True, "type": "int"}}},
+        "format": "pack-quantized", "ignore": list(K2_THINKING_INT4_IGNORE if ignore is None else ignore),
+        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+    }
+
+
+def check_quantization_config(q: dict[str, Any]) -> int:
+    """ValueError naming the field unless `q` is a compressed-tensors INT4 config we read -> its group size."""
+    if q.get("format") != "pack-quantized":
+        raise ValueError(f"compressed-tensors format {q.get('format')!r} unsupported (only pack-quantized)")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ValueError("compressed-tensors config needs exactly one entry in config_groups")
+    (group,) = groups.values()
+    w = (group or {}).get("weights") or {}
+    for key, want in (("num_bits", 4), ("type", "int"), ("symmetric", True), ("strategy", "group")):
+        if w.get(key, want if key == "type" else None) != want:
+            raise ValueError(f"compressed-tensors weights.{key} is {w.get(key)!r}; only {want!r} is supported")
+    if w.get("actorder") not in (None, False):
+        raise ValueError(f"compressed-tensors weights.actorder {w['actorder']!r} unsupported (g_idx)")
+    g = w.get("group_size")
+    if not isinstance(g, int) or g <= 0:
+        raise ValueError(f"compressed-tensors weights.group_size must be a positive int, got {g!r}")
+    if group.get("input_activations") is not None:
+        raise ValueError("compressed-tensors input_activations quantization unsupported (weight-only INT4 only)")
+    if not isinstance(group.get("targets", []), list) or not isinstance(q.get("ignore", []), list):
+        raise ValueError("compressed-tensors targets and ignore must be lists of module names or 're:' patterns")
+    return g
+
+
+# Kimi-K2-Thinking (Nov 2025): the 0905 architecture and 256K context, its routed experts INT4 from quantization-aware
+# training, everything else bf16. Fields beyond the quantization_config are 0905's (no stored copy of the Thinking
+# config.json was found; the model card's summary table matches 0905's).
+KIMI_K2_THINKING = copy.deepcopy(KIMI_K2_INSTRUCT_0905)
+KIMI_K2_THINKING["quantization_config"] = int4_quantization_config()
+
 
 def _small(**over: Any) -> dict[str, Any]:
     """A K2-shaped config with small widths: every architectural feature present, fp32 weights."""
@@ -329,6 +395,7 @@ def _small(**over: Any) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     "kimi-k2-instruct": KIMI_K2_INSTRUCT,
     "kimi-k2-instruct-0905": KIMI_K2_INSTRUCT_0905,
+    "kimi-k2-thinking": KIMI_K2_THINKING,
     # unit tests: every feature, tiny widths
     "k2-tiny": _small(),
     # the shipped models/k2-nano-*: every K2 feature at 5.1M parameters (3.8M active), vocab 6144 BPE + 256 specials

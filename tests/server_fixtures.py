@@ -37,13 +37,14 @@ def make_model_dir(tokenizer_dir: Path, out: Path) -> Path:
 
 
 def make_state(model_dir: Path, api_key: str | None = API_KEY, default_max_tokens: int | None = 48,
-               limits: ServerLimits | None = None, public_metrics: bool = False, **engine_kw) -> ServerState:
+               limits: ServerLimits | None = None, public_metrics: bool = False, reasoning: bool = False,
+               **engine_kw) -> ServerState:
     model = K2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = Tokenizer.from_pretrained(model_dir)
     engine = LLMEngine(model, tok, EngineConfig(**{"memory_budget_bytes": 1 << 25, **engine_kw}))
     limits = limits or ServerLimits()
     return ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), tok, ALIASES, model.config.vocab_size,
-                       api_key, default_max_tokens, limits, public_metrics)
+                       api_key, default_max_tokens, limits, public_metrics, reasoning)
 
 
 def free_port() -> int:

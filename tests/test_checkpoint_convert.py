@@ -100,8 +100,8 @@ def test_convert_errors(fp8_src: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "exists and is not empty" in capsys.readouterr().err and (dst / "keep").exists()
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--to", "bf16", "--no-progress"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["convert", str(fp8_src), str(tmp_path / "o"), "--to", "int4"]) == 2
-    assert "invalid choice: 'int4'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["convert", str(fp8_src), str(tmp_path / "o"), "--to", "int8"]) == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["convert", str(fp8_src), str(dst), "--to", "bf16", "--overwrite", "--no-progress"]) == 0
     assert (dst / "keep").exists() and set(CheckpointReader(dst)) == set(CheckpointReader(fp8_src))
 

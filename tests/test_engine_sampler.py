@@ -134,3 +134,14 @@ def test_a_failing_constraint_fails_only_its_own_sequence():
     assert errors[0] is None and errors[2] is None
     assert "allows no token" in errors[1] and "grammar engine error" in errors[3]
     assert tokens[0] == 3 and tokens[2] % 2 == 0
+
+
+def test_logit_bias_adds_to_the_logits_and_bans():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 3)
+    params = [SamplingParams(temperature=0, logit_bias={3: 5.0}),  # -1 + 5 = 4: now the largest
+              SamplingParams(temperature=0, logit_bias={0: float("-inf")}),  # banned: the next one wins
+              SamplingParams(temperature=0, logit_bias={0: float("-inf"), 1: float("-inf"), 2: float("-inf"),
+                                                        3: float("-inf")})]  # nothing left: that sequence fails
+    tokens, _, errors = sample(logits.clone(), seqs_for(*params))
+    assert tokens[:2] == [3, 1] and errors[:2] == [None, None]
+    assert errors[2] is not None and "logit_bias" in errors[2]

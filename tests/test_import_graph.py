@@ -21,18 +21,19 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "tokenizer": set(),
     "toolcalls": set(),
+    "reasoning": {"toolcalls"},  # splits <think> reasoning from content, beside the tool-call sections it ends
     "checkpoint": {"config"},
     "ops": {"checkpoint", "config"},  # compute kernels (Triton, FP8 GEMM) the model calls
     "model": {"ops", "checkpoint", "config"},
     "parallel": {"model", "ops", "checkpoint", "config"},
     "engine": {"parallel", "model", "ops", "checkpoint", "config", "tokenizer"},
-    "server": {"engine", "model", "ops", "checkpoint", "config", "tokenizer", "toolcalls"},
+    "server": {"engine", "model", "ops", "checkpoint", "config", "tokenizer", "toolcalls", "reasoning"},
     "deploy": {"engine", "parallel", "model", "ops", "checkpoint", "config", "tokenizer"},
     "train": {"parallel", "model", "ops", "checkpoint", "config", "tokenizer", "data"},
     "eval": set(),
     "data": {"eval", "tokenizer", "toolcalls", "config"},
     "cli": {"server", "engine", "parallel", "deploy", "model", "ops", "checkpoint", "config", "tokenizer",
-            "toolcalls", "train", "data", "eval"},
+            "toolcalls", "reasoning", "train", "data", "eval"},
 }
 EVAL_MUST_NOT_IMPORT = {"data", "engine", "model", "server", "train"}
 

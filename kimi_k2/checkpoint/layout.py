@@ -2,11 +2,13 @@
 
 These are exactly the parameters and persistent buffers of `K2ForCausalLM(config)` (tests/test_checkpoint_layout.py
 compares the two), so a checkpoint can be checked against its config.json without building the model (a 1 T model
-on the meta device takes half a minute). Block-FP8 `_scale_inv` companions are not listed: the reader pairs them.
+on the meta device takes half a minute). Block-FP8 `_scale_inv` companions and the three stored tensors of an INT4
+weight are not listed: the reader presents each quantized weight as one logical tensor.
 """
 
 from __future__ import annotations
 
+from kimi_k2.checkpoint.int4 import is_int4_target
 from kimi_k2.checkpoint.reader import CheckpointError, CheckpointReader, name_list
 from kimi_k2.config import K2Config
 
@@ -70,3 +72,7 @@ def check_layout(reader: CheckpointReader, config: K2Config) -> None:
                               f"{name_list(unexpected)}")
     if wrong := [f"{n} {reader.shape(n)} (config: {s})" for n, s in want.items() if reader.shape(n) != s]:
         raise CheckpointError(f"{where}: {len(wrong)} tensors disagree with its config.json: {name_list(wrong, 5)}")
+    q = config.quantization_config if config.is_int4 else None
+    if odd := [n for n in want if reader.is_int4(n) != (q is not None and is_int4_target(n, q))]:
+        raise CheckpointError(f"{where}: {len(odd)} tensors are INT4 where its config.json's quantization_config "
+                              f"says otherwise (or the reverse): {name_list(odd, 5)}")

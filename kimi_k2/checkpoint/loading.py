@@ -27,7 +27,9 @@ def load_into(
 ) -> list[str]:
     """Materialize every parameter and persistent buffer of `model` (meta-device is fine) -> the tensor names read.
 
-    Block-FP8 weights are dequantized; `dtype=None` keeps each tensor's stored dtype (fp8 -> bf16). Tensors the
+    Block-FP8 and compressed-tensors INT4 weights (Kimi-K2-Thinking's routed experts) are dequantized at load, in
+    fp32 and then cast (INT4 q * scale is exact in fp32; bf16 rounds it); `dtype=None` keeps each tensor's stored dtype
+    (fp8 -> bf16, INT4 -> its scales' dtype, bf16 in K2-Thinking). Tensors the
     checkpoint lacks are always an error. Tensors the model does not have are an error with `strict`; without it they
     are left unread (an expert-parallel rank, a model whose experts stay on disk: part of the checkpoint by design).
     parts: name -> Slice(dim, start, stop): the model holds only that part of the tensor (tensor parallelism).

@@ -1,4 +1,5 @@
-"""Lazy reading of Hugging Face safetensors checkpoints (single file or sharded with an index), block-FP8 aware.
+"""Lazy reading of Hugging Face safetensors checkpoints (single file or sharded with an index), block-FP8 and
+compressed-tensors INT4 aware: a quantized weight is one logical tensor `X.weight`, dequantized when read.
 
 Only safetensors headers are read up front; tensor data is read shard by shard, tensor by tensor, through
 `safetensors.safe_open`, so loading never holds more than one tensor of the checkpoint beyond the model itself.
@@ -17,7 +18,9 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from kimi_k2.checkpoint import int4
 from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_block_fp8, scale_shape
+from kimi_k2.config import check_quantization_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,6 +46,14 @@ class TensorEntry(NamedTuple):
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+class Int4Entry(NamedTuple):
+    """A compressed-tensors INT4 weight: where its three stored tensors are, and the logical [out, in] shape."""
+
+    packed: str
+    scale: str
+    shape: tuple[int, int]
 
 
 class Slice(NamedTuple):
@@ -130,12 +141,20 @@ class CheckpointReader:
             if name not in headers[shard]:
                 raise CheckpointError(f"tensor {name} is mapped to shard {shard} by {index}, but is not in it")
             self.info[name] = headers[shard][name]
-        self.block = _block_size(self.directory / "config.json")
-        self.names = [n for n in self.weight_map if not n.endswith(IGNORED_SUFFIXES) and not self._is_scale_of_fp8(n)]
+        quantization = _quantization_config(self.directory / "config.json")
+        self.block = _block_size(quantization, self.directory / "config.json")
+        self.int4_group = 0  # compressed-tensors group_size, when the checkpoint holds INT4 weights
+        self.int4: dict[str, Int4Entry] = self._find_int4(quantization)
+        companions = {e.scale for e in self.int4.values()} | {name + "_shape" for name in self.int4}
+        self.names = []
+        for n in self.weight_map:
+            if n.endswith(IGNORED_SUFFIXES) or self._is_scale_of_fp8(n) or n in companions:
+                continue
+            self.names.append(n.removesuffix("_packed") if n.endswith(".weight_packed") else n)
         self._name_set = set(self.names)
         self._by_shard: dict[str, list[str]] = {shard: [] for shard in self.shards}
         for name in self.names:
-            self._by_shard[self.weight_map[name]].append(name)
+            self._by_shard[self.weight_map[self.int4[name].packed if name in self.int4 else name]].append(name)
         for name in self.names:
             if self.stored_dtype(name) == torch.float8_e5m2:
                 raise CheckpointError(f"tensor {name} is float8_e5m2; only e4m3 block-FP8 is supported")
@@ -154,10 +173,14 @@ class CheckpointReader:
         return name in self._name_set
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.info[name].shape
+        return self.int4[name].shape if name in self.int4 else self.info[name].shape
 
     def stored_dtype(self, name: str) -> torch.dtype:
-        return self.info[name].dtype
+        """As stored; an INT4 weight reports its scales' dtype (what it dequantizes to by default)."""
+        return self.info[self.int4[name].scale if name in self.int4 else name].dtype
+
+    def is_int4(self, name: str) -> bool:
+        return name in self.int4
 
     def is_fp8(self, name: str) -> bool:
         return self.stored_dtype(name) == FP8_DTYPE
@@ -184,6 +207,15 @@ class CheckpointReader:
         """(name, tensor) for every logical tensor (or those in `names`), one shard open at a time."""
         for _, name, t in self._walk(names, dtype):
             yield name, t
+
+    def stored_int4(self, name: str) -> dict[str, torch.Tensor]:
+        """The three stored tensors of INT4 weight `name` as they are in the files (`X.weight_packed`, ...)."""
+        e = self.int4[name]
+        out = {}
+        for stored in (e.packed, e.scale, name + "_shape"):
+            with self._open(self.weight_map[stored]) as f:
+                out[stored] = f.get_tensor(stored).clone()
+        return out
 
     def read_into(self, outs: dict[str, torch.Tensor], parts: Mapping[str, Slice] | None = None) -> None:
         """Copy (dequantizing, casting) each named tensor into the preallocated `outs[name]`, shard by shard.
@@ -235,6 +267,10 @@ class CheckpointReader:
             yield f
 
     def _read(self, f: Any, shard: str, name: str, out: torch.Tensor) -> torch.Tensor:
+        if name in self.int4:
+            e = self.int4[name]
+            return int4.dequantize_int4(f.get_tensor(e.packed), self._companion(f, shard, e.scale), e.shape,
+                                        self.int4_group, out=out)
         t = f.get_tensor(name)  # a view of the file's mmap: copied into `out`, so the model owns its memory
         if t.dtype != FP8_DTYPE:
             return out.copy_(t)
@@ -242,6 +278,15 @@ class CheckpointReader:
 
     def _read_part(self, f: Any, shard: str, name: str, out: torch.Tensor, part: Slice) -> torch.Tensor:
         dim, start, stop = part
+        if name in self.int4:  # rows: just those rows' words and scales; columns: whole rows, then narrowed
+            e = self.int4[name]
+            scale = self._companion(f, shard, e.scale)
+            if dim == 0:
+                w = int4.dequantize_int4(f.get_slice(e.packed)[start:stop], scale[start:stop],
+                                         (stop - start, e.shape[1]), self.int4_group)
+                return out.copy_(w)
+            w = int4.dequantize_int4(f.get_tensor(e.packed), scale, e.shape, self.int4_group)
+            return out.copy_(w.narrow(dim, start, stop - start))
         if not self.is_fp8(name):
             return out.copy_(f.get_slice(name)[_index(dim, start, stop)])
         b = self.block[dim]
@@ -251,18 +296,69 @@ class CheckpointReader:
         w = dequantize_block_fp8(t, scale, self.block, dtype=torch.float32)
         return out.copy_(w.narrow(dim, start - first * b, stop - start))
 
+    def _companion(self, f: Any, shard: str, name: str) -> torch.Tensor:
+        """Tensor `name` (a scale) from the open shard `f`, or from its own shard when it lives in another one."""
+        if self.weight_map[name] == shard:
+            return f.get_tensor(name)
+        with self._open(self.weight_map[name]) as g:
+            return g.get_tensor(name)
+
     def _scale(self, f: Any, shard: str, name: str) -> torch.Tensor:
         scale_name = name + SCALE_SUFFIX
-        if self.weight_map[scale_name] == shard:
-            scale = f.get_tensor(scale_name)
-        else:  # the scale lives in another shard: read just that tensor
-            with self._open(self.weight_map[scale_name]) as g:
-                scale = g.get_tensor(scale_name)
+        scale = self._companion(f, shard, scale_name)
         if not torch.isfinite(scale).all():
             raise CheckpointError(f"{scale_name} has inf/nan entries")
         return scale
 
     # ---- checks -----------------------------------------------------------------------------------
+    def _find_int4(self, quantization: dict) -> dict[str, Int4Entry]:
+        """The INT4 weights: each `X.weight_packed` with its `X.weight_scale` and `X.weight_shape`, checked against
+        each other and against config.json's compressed-tensors quantization_config (read: the shape vectors)."""
+        where = f"checkpoint {self.directory}"
+        packed = [n for n in self.weight_map if n.endswith(".weight_packed")]
+        if bad := [n for n in self.weight_map if n.endswith(int4.UNSUPPORTED_SUFFIXES)]:
+            raise CheckpointError(f"{where} has {bad[0]}: asymmetric (zero point) or activation-ordered (g_idx) INT4 "
+                                  f"is not supported, only symmetric group quantization")
+        if not packed:
+            return {}
+        if quantization.get("quant_method") != "compressed-tensors":
+            raise CheckpointError(f"{where} holds INT4 weights ({packed[0]}) but its config.json has no "
+                                  f"compressed-tensors quantization_config")
+        try:
+            self.int4_group = check_quantization_config(quantization)
+        except ValueError as e:
+            raise CheckpointError(f"{self.directory / 'config.json'}: {e}") from None
+        shapes: dict[str, torch.Tensor] = {}
+        by_shard: dict[str, list[str]] = {}
+        for p in packed:
+            base = p.removesuffix("_packed")
+            if base in self.weight_map:
+                raise CheckpointError(f"{where} holds {base} both unquantized and as INT4 {p}")
+            for companion in (base + "_scale", base + "_shape"):
+                if companion not in self.weight_map:
+                    raise CheckpointError(f"INT4 weight {p} has no {companion} in the {where}")
+            by_shard.setdefault(self.weight_map[base + "_shape"], []).append(base + "_shape")
+        for shard, names in by_shard.items():
+            with self._open(shard) as f:
+                shapes.update((n, f.get_tensor(n)) for n in names)
+        out = {}
+        for p in packed:
+            base = p.removesuffix("_packed")
+            raw = shapes[base + "_shape"]
+            if raw.dtype.is_floating_point or raw.shape != (2,) or int(raw.min()) < 1:
+                raise CheckpointError(f"{base}_shape must hold two positive integers [out, in], got {raw.tolist()}")
+            shape = (int(raw[0]), int(raw[1]))
+            scale = base + "_scale"
+            want_p, want_s = (shape[0], -(-shape[1] // int4.PACK)), int4.scale_shape(shape, self.int4_group)
+            if self.info[p].dtype != torch.int32 or self.info[p].shape != want_p:
+                raise CheckpointError(f"{p} is {self.info[p].dtype} {list(self.info[p].shape)}; weight_shape "
+                                      f"{list(shape)} needs int32 {list(want_p)}")
+            if not self.info[scale].dtype.is_floating_point or self.info[scale].shape != want_s:
+                raise CheckpointError(f"{scale} is {self.info[scale].dtype} {list(self.info[scale].shape)}; weight "
+                                      f"{list(shape)} with group_size {self.int4_group} needs float {list(want_s)}")
+            out[base] = Int4Entry(p, scale, shape)  # base: the logical name X.weight
+        return out
+
     def _is_scale_of_fp8(self, name: str) -> bool:
         base = name.removesuffix(SCALE_SUFFIX)
         return base != name and base in self.info and self.is_fp8(base)
@@ -295,14 +391,21 @@ def _read_index(index: Path) -> dict[str, str]:
     return wm
 
 
-def _block_size(config_file: Path) -> tuple[int, int]:
-    """weight_block_size from config.json's quantization_config, (128, 128) when absent."""
+def _quantization_config(config_file: Path) -> dict:
+    """config.json's quantization_config ({} when the file or the entry is absent)."""
     try:
         q = json.loads(config_file.read_text()).get("quantization_config") or {}
     except FileNotFoundError:
-        return (128, 128)
+        return {}
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"unreadable {config_file}: {e}") from e
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{config_file}: quantization_config must be an object")
+    return q
+
+
+def _block_size(q: dict, config_file: Path) -> tuple[int, int]:
+    """weight_block_size from config.json's quantization_config, (128, 128) when absent."""
     block = q.get("weight_block_size", [128, 128])
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise CheckpointError(f"{config_file}: weight_block_size {block!r} is not two positive ints")

@@ -6,6 +6,7 @@ into place, so an interrupted save leaves either the old checkpoint or none, nev
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from kimi_k2.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, is_quantized_name, quantize_block_fp8
+from kimi_k2.checkpoint.int4 import is_int4_target, quantize_int4
 from kimi_k2.checkpoint.reader import FP32_TENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError
-from kimi_k2.config import K2Config
+from kimi_k2.config import K2Config, check_quantization_config, int4_quantization_config
 
 FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
@@ -159,12 +161,20 @@ def remove_interrupted_writes(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def prepare(name: str, t: torch.Tensor, fp8: bool, block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
-    """The stored tensors for one logical tensor: itself, or its block-FP8 form plus `<name>_scale_inv`."""
+def prepare(name: str, t: torch.Tensor, fp8: bool, block: tuple[int, int] = (128, 128),
+            int4: dict | None = None) -> dict[str, torch.Tensor]:
+    """The stored tensors for one logical tensor: itself, its block-FP8 form plus `<name>_scale_inv`, or (a target
+    of the compressed-tensors config `int4`) its INT4 form `<name>_packed`, `<name>_scale`, `<name>_shape`."""
     if t.dtype == FP8_DTYPE:
         raise CheckpointError(f"tensor {name} is already float8; pass dequantized weights to save")
     if name.endswith(FP32_TENSORS):
         return {name: t.float()}
+    if int4 is not None and is_int4_target(name, int4) and t.ndim == 2:
+        try:
+            stored = quantize_int4(t, check_quantization_config(int4))
+        except ValueError as e:
+            raise CheckpointError(f"cannot quantize {name} to INT4: {e}") from e
+        return {f"{name}_{suffix.removeprefix('weight_')}": v for suffix, v in stored.items()}
     if not (fp8 and is_quantized_name(name) and t.ndim == 2):
         return {name: t}
     try:
@@ -174,9 +184,19 @@ def prepare(name: str, t: torch.Tensor, fp8: bool, block: tuple[int, int] = (128
     return {name: q, name + SCALE_SUFFIX: scale}
 
 
-def checkpoint_config(config: K2Config, fp8: bool, torch_dtype: torch.dtype | None) -> K2Config:
-    """`config` with quantization_config set (fp8) or removed, and torch_dtype naming the unquantized dtype."""
-    changes: dict = {"quantization_config": dict(FP8_QUANTIZATION_CONFIG) if fp8 else None}
+def int4_config_for(config: K2Config) -> dict:
+    """The compressed-tensors config an INT4 save of `config` uses: its own, or K2-Thinking's (routed experts)."""
+    return config.quantization_config if config.is_int4 else int4_quantization_config()  # type: ignore[return-value]
+
+
+def checkpoint_config(config: K2Config, fp8: bool, torch_dtype: torch.dtype | None,
+                      int4: dict | None = None) -> K2Config:
+    """`config` with quantization_config set (fp8, or the compressed-tensors config `int4`) or removed, and
+    torch_dtype naming the unquantized dtype."""
+    if fp8 and int4 is not None:
+        raise ValueError("a checkpoint is block-FP8 or INT4, not both")
+    quantization = copy.deepcopy(int4) if int4 is not None else dict(FP8_QUANTIZATION_CONFIG) if fp8 else None
+    changes: dict = {"quantization_config": quantization}
     if torch_dtype is not None:
         changes["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     return config.replace(**changes)
@@ -189,15 +209,20 @@ def save_state_dict(
     fp8: bool = False,
     max_shard_size: int = 5 * 2**30,
     extra_files: Iterable[str | os.PathLike[str]] = (),
+    int4: bool = False,
 ) -> None:
     """Write `state_dict` in the Hugging Face layout (shards + index, or one model.safetensors) with config.json.
 
     With `fp8=True` every projection weight is stored block-FP8 (128x128) with an fp32 `weight_scale_inv`, as in the
-    published Kimi K2 checkpoint; embeddings, lm_head, norms and the router stay unquantized.
+    published Kimi K2 checkpoint; embeddings, lm_head, norms and the router stay unquantized. With `int4=True` the
+    targets of the compressed-tensors config (`config`'s own, else K2-Thinking's: the routed experts) are stored INT4
+    pack-quantized, as in the published Kimi-K2-Thinking checkpoint, the rest as given.
     """
     dtype = next((t.dtype for n, t in state_dict.items()
                   if t.is_floating_point() and not n.endswith(FP32_TENSORS)), None)
+    int4_config = int4_config_for(config) if int4 else None
+    final = checkpoint_config(config, fp8, dtype, int4_config)  # fails (fp8 and int4) before anything is written
     with ShardWriter(directory, max_shard_size) as writer:
         for name, t in state_dict.items():
-            writer.add(prepare(name, t, fp8))
-        writer.commit(checkpoint_config(config, fp8, dtype), extra_files)
+            writer.add(prepare(name, t, fp8, int4=int4_config))
+        writer.commit(final, extra_files)

@@ -1,4 +1,4 @@
-"""`kimi-k2 convert SRC DST --to {bf16,fp8}`: re-encode a checkpoint, streaming one tensor at a time."""
+"""`kimi-k2 convert SRC DST --to {bf16,fp8,int4}`: re-encode a checkpoint, streaming one tensor at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from kimi_k2.checkpoint.convert import convert
+from kimi_k2.checkpoint.convert import FORMATS, convert
 from kimi_k2.checkpoint.reader import CheckpointError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -24,7 +24,9 @@ def parse_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="source checkpoint directory (config.json + safetensors)")
     parser.add_argument("dst", type=Path, help="output directory (written atomically)")
-    parser.add_argument("--to", required=True, choices=["bf16", "fp8"], help="bf16, or block-FP8 (128x128) weights")
+    parser.add_argument("--to", required=True, choices=FORMATS,
+                        help="bf16; block-FP8 (128x128) projections as Kimi-K2-Instruct; or INT4 routed experts "
+                             "(compressed-tensors pack-quantized, groups of 32) as Kimi-K2-Thinking")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                         help="largest shard, e.g. 5GB (default), 500MB, 64MiB")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")

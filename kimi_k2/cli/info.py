@@ -48,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"KV cache at {ctx:,} tokens   MLA {_gib(info.kv_bytes_per_token * ctx)}   "
           f"naive {_gib(info.naive_kv_bytes_per_token * ctx)}")
     print(f"weights   bf16 {_gib(info.bf16_bytes)} ({info.bf16_bytes:,} B)   "
-          f"block-FP8 {_gib(info.fp8_bytes)} ({info.fp8_bytes:,} B)")
+          f"block-FP8 {_gib(info.fp8_bytes)} ({info.fp8_bytes:,} B)   "
+          f"INT4 experts {_gib(info.int4_bytes)} ({info.int4_bytes:,} B)")
     return 0

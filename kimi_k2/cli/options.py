@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kimi_k2.checkpoint import hub
 from kimi_k2.config import PRESETS, K2Config
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -60,11 +61,21 @@ def positive_int(text: str) -> int:
     return value
 
 
-def model_dir(model: str, what: str = "a Kimi-format model directory") -> Path:
-    """The model directory `model` names, or a CommandError that says what to pass."""
+def model_dir(model: str, what: str = "a Kimi-format model directory", revision: str | None = None,
+              cache_dir: str | None = None) -> Path:
+    """The model directory `model` names (a local directory, or a Hugging Face repo id `org/name` resolved through
+    the Hub cache, `kimi_k2.checkpoint.hub`), or a CommandError that says what to pass."""
     d = Path(model)
     if (d / "config.json").is_file():
         return d
+    if hub.is_repo_id(model):
+        try:
+            d = hub.resolve(model, revision, cache_dir)
+        except hub.HubError as e:
+            raise CommandError(f"no model directory {model}, and as a Hugging Face repo id: {e}") from None
+        if (d / "config.json").is_file():
+            return d
+        raise CommandError(f"the Hugging Face snapshot of {model} at {d} has no config.json")
     raise CommandError(
         f"no model at {model} (no config.json there): pass MODEL, {what} ({MODEL_FILES}). Train K2-Nano with "
         f"`kimi-k2 train --config recipes/k2-nano-instruct.toml` (after its base recipe; see recipes/) and pass its "
@@ -75,6 +86,11 @@ def model_config(model: str) -> K2Config:
     """The config of a model directory or a preset, or a CommandError that says what to pass."""
     if not Path(model).exists() and model in PRESETS:
         return K2Config.from_preset(model)
+    if hub.is_repo_id(model):
+        try:
+            return K2Config.from_pretrained(hub.resolve(model, files=hub.CONFIG_FILES))
+        except hub.HubError as e:
+            raise CommandError(f"no model directory {model}, and as a Hugging Face repo id: {e}") from None
     if not (Path(model) / "config.json").is_file() and not Path(model).is_file():
         raise CommandError(f"no model at {model} (no config.json there): pass MODEL, a model directory with a "
                            f"config.json or a preset ({', '.join(PRESETS)})")

@@ -1,4 +1,10 @@
-"""`kimi-k2 serve [MODEL]`: the OpenAI- and Anthropic-compatible HTTP server over one model directory (uvicorn).
+"""`kimi-k2 serve [MODEL]`: the OpenAI- and Anthropic-compatible HTTP server over one model (uvicorn).
+
+MODEL is a Kimi-format model directory or a Hugging Face repo id (`moonshotai/Kimi-K2-Thinking`, resolved through the
+Hub cache). The command line is vLLM's: the Kimi-K2 deploy guide's `vllm serve $MODEL_PATH --port 8000
+--served-model-name kimi-k2 --trust-remote-code --tensor-parallel-size 16 --enable-auto-tool-choice
+--tool-call-parser kimi_k2` runs as `kimi-k2 serve ...`. Every vLLM flag here either does what it does in vLLM or,
+where it has no meaning for this server (multi-GPU layouts, remote code), is accepted with a logged note saying so.
 
 With `--ep N` under torchrun the routed experts are split over N ranks (`kimi_k2.deploy.serve_ep`):
     torchrun --nproc-per-node N -m kimi_k2.cli serve DIR --ep N ...
@@ -7,29 +13,111 @@ With `--ep N` under torchrun the routed experts are split over N ranks (`kimi_k2
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 from pathlib import Path
 
-from kimi_k2.cli.options import CommandError, UsageError, add_dtype, add_model, model_dir, positive_int
+from kimi_k2.checkpoint import hub
+from kimi_k2.cli.options import DTYPES, CommandError, UsageError, add_model, model_dir, positive_int
 
 DEFAULT_MODEL = "models/k2-nano-instruct"
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+log = logging.getLogger("kimi_k2.serve")
+
+
+def model_len(text: str) -> int:
+    """vLLM's --max-model-len spelling: 32768, 32k, 128K, 1m."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 32768 or 128k, got {text!r}")
+    return positive_int(str(int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]))
+
+
+def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's `serve` flags that this server reads, and those it accepts with a note (see `vllm_notes`)."""
+    g = p.add_argument_group("vLLM compatibility (`vllm serve` command lines run unchanged)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted: tool_choice auto is always on here, with grammar-constrained (always valid) calls")
+    g.add_argument("--tool-call-parser", choices=["kimi_k2"], default="kimi_k2",
+                   help="the Kimi-K2 tool-call format (the only one this server speaks)")
+    g.add_argument("--reasoning-parser", choices=["kimi_k2"], default=None,
+                   help="kimi_k2: split <think> reasoning from the answer (Kimi-K2-Thinking): OpenAI "
+                        "reasoning_content, Anthropic thinking blocks, Responses reasoning items")
+    g.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="a Jinja chat template: a file, a built-in name (kimi_k2, kimi_k2_thinking) or the template "
+                        "text itself (default: the model directory's)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted: no remote code runs here (the Kimi tokenizer and model are built in)")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo-id MODEL")
+    g.add_argument("--download-dir", default=None, help="Hub cache directory for a repo-id MODEL (default: HF_HOME)")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                   help="tokens per engine step (prefill chunks + decodes)")
+    g.add_argument("--enforce-eager", action="store_true", help="no compiled decode (vLLM: no CUDA graphs)")
+    g.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, default=None, help="the same as --log-level")
+    # multi-GPU layouts of vLLM: accepted with a note, this server runs the model in one process (or --ep ranks)
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1)
+    g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1)
+    g.add_argument("--data-parallel-size-local", type=positive_int, default=None)
+    g.add_argument("--data-parallel-address", default=None)
+    g.add_argument("--data-parallel-rpc-port", type=int, default=None)
+    g.add_argument("--data-parallel-start-rank", type=int, default=None)
+    g.add_argument("--enable-expert-parallel", action="store_true")
+    g.add_argument("--headless", action="store_true")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None)
+
+
+def vllm_notes(args: argparse.Namespace) -> list[str]:
+    """What the vLLM flags that have no meaning here do instead; UsageError for the one that cannot run at all."""
+    if args.headless:
+        raise UsageError("--headless (a data-parallel worker without an API server) has no counterpart here: this "
+                         "server is one process (or, with --ep N, torchrun ranks behind one API server)")
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    notes = []
+    if args.trust_remote_code:
+        notes.append("--trust-remote-code: accepted; no remote code is run (the Kimi tokenizer and model are built "
+                     "in)")
+    if args.enable_auto_tool_choice:
+        notes.append("--enable-auto-tool-choice: accepted; automatic tool choice is always on, every tool call "
+                     "grammar-constrained to a declared tool with valid arguments")
+    layout = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in
+              ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size") if getattr(args, name) > 1]
+    layout += [f"--{name.replace('_', '-')}" for name in ("data_parallel_size_local", "data_parallel_address",
+                                                          "data_parallel_rpc_port", "data_parallel_start_rank")
+               if getattr(args, name) is not None]
+    layout += ["--enable-expert-parallel"] if args.enable_expert_parallel else []
+    if layout:
+        notes.append(f"{' '.join(layout)}: this server runs the whole model in this process, split over no GPUs; "
+                     "to split the routed experts over processes run `torchrun --nproc-per-node N -m kimi_k2.cli "
+                     "serve MODEL --ep N`")
+    if args.gpu_memory_utilization is not None:
+        notes.append(f"--gpu-memory-utilization {args.gpu_memory_utilization}: the engine runs on the CPU here; its "
+                     "latent cache is sized by its memory budget, not a GPU fraction")
+    return notes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model(p, "Kimi-format model directory (config.json, weights, tokenizer)", default=DEFAULT_MODEL)
+    add_model(p, "Kimi-format model directory (config.json, weights, tokenizer) or Hugging Face repo id",
+              default=DEFAULT_MODEL)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KIMI_K2_API_KEY"),
                    help="require this key ('Authorization: Bearer KEY' or 'x-api-key'); default $KIMI_K2_API_KEY")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients send (default: the directory name)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: engine default)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="concurrent sequences (default: engine default)")
+    p.add_argument("--max-model-len", type=model_len, default=None,
+                   help="context length, e.g. 32768 or 128k (default: the model's)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=None,
+                   help="concurrent sequences (default: engine default)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="completion budget of requests that set none (default: the rest of the context)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
-    add_dtype(p, "float32", "weight dtype (float32: the fastest on CPUs without native bf16; the compiled decode's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weight dtype; auto (vLLM's default) is float32 here: the fastest on CPUs without native "
+                        "bf16, and the compiled decode's")
     p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
                         "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
@@ -40,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
                         "where it applies, float32 weights; otherwise eager, logged)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
     from kimi_k2.server.limits import ServerLimits as L
 
@@ -62,6 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default %(default)s)")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (as vLLM does); by default --api-key protects it too")
+    add_vllm_arguments(p)
 
 
 def server_limits(args: argparse.Namespace):
@@ -74,6 +163,16 @@ def server_limits(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dtype == "auto":
+        args.dtype = "float32"
+    if args.enforce_eager:
+        if args.compile:
+            raise UsageError("--enforce-eager and --compile contradict each other")
+        args.compile = False
+    if args.uvicorn_log_level is not None:
+        args.log_level = args.uvicorn_log_level
+    for note in vllm_notes(args):
+        log.warning(note)
     if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
         raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
     if args.quantization and args.ep is not None:
@@ -85,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         server_limits(args)  # bad limit values fail before the model loads
     except ValueError as e:
         raise UsageError(str(e)) from None
-    d = model_dir(args.model)
+    template = chat_template(args.chat_template)  # a bad template fails before the model loads
+    d = model_dir(args.model, revision=args.revision, cache_dir=args.download_dir)
     if not (d / "tiktoken.model").is_file():
         raise CommandError(f"{d} has no tokenizer (tiktoken.model): serve a directory with the model's tokenizer")
     import torch
@@ -93,20 +193,42 @@ def run(args: argparse.Namespace) -> int:
     from kimi_k2.engine import EngineConfig, LLMEngine
 
     compile_decode = args.compile is not False and args.ep is None
-    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
-                 if v is not None}
+    overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
+                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
     config, dtype = EngineConfig(**overrides, compile_decode=compile_decode), getattr(torch, args.dtype)
     if args.ep is None:
         engine = LLMEngine.from_pretrained(d, config=config, dtype=dtype, quantization=args.quantization)
-        return serve(args, d, engine)
+        return serve(args, d, engine, template)
     from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
     if (error := launch_error(args.ep)) is not None:
         raise CommandError(error)
-    return run_expert_parallel(d, config, dtype, lambda engine: serve(args, d, engine))
+    return run_expert_parallel(d, config, dtype, lambda engine: serve(args, d, engine, template))
 
 
-def serve(args: argparse.Namespace, d: Path, engine) -> int:
+def chat_template(spec: str | None) -> str | None:
+    """--chat-template: a file, a built-in template's name, or the template text; None keeps the model's."""
+    if spec is None:
+        return None
+    from kimi_k2.tokenizer.chat_template import BUILTIN_TEMPLATES, builtin_template, compile_template
+
+    if Path(spec).is_file():
+        text = Path(spec).read_text(encoding="utf-8")
+    elif spec in BUILTIN_TEMPLATES:
+        text = builtin_template(spec)
+    elif "{{" in spec or "{%" in spec:
+        text = spec
+    else:
+        raise UsageError(f"--chat-template {spec!r} is neither a file, a built-in template "
+                         f"({', '.join(BUILTIN_TEMPLATES)}) nor Jinja template text")
+    try:
+        compile_template(text)
+    except ValueError as e:
+        raise UsageError(f"--chat-template: {e}") from None
+    return text
+
+
+def serve(args: argparse.Namespace, d: Path, engine, template: str | None = None) -> int:
     """Serve `engine` over HTTP until uvicorn stops (SIGINT/SIGTERM drain in-flight requests first)."""
     import uvicorn
 
@@ -114,11 +236,13 @@ def serve(args: argparse.Namespace, d: Path, engine) -> int:
     from kimi_k2.server.app import build_app
     from kimi_k2.server.state import ServerState
 
-    names = args.served_model_name or [d.resolve().name]
+    names = args.served_model_name or [args.model if hub.is_repo_id(args.model) else d.resolve().name]
     limits = server_limits(args)
+    if template is not None:
+        engine.tokenizer.chat_template = template
     state = ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), engine.tokenizer, names,
                         engine.model_config.vocab_size, args.api_key, args.default_max_tokens, limits,
-                        args.public_metrics)
+                        args.public_metrics, reasoning=args.reasoning_parser == "kimi_k2")
     uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0

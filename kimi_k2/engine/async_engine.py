@@ -17,12 +17,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.params import CompletionDelta, SamplingParams
 
 log = logging.getLogger("kimi_k2.engine")
+T = TypeVar("T")
 
 
 class EngineOverloadedError(RuntimeError):
@@ -139,6 +140,29 @@ class AsyncLLMEngine:
         finally:
             if stream.unfinished:
                 self.abort(request_id)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) run on the step thread between two steps (never beside a forward pass), its result awaited."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(result)  # type: ignore[arg-type]
+
+        def op() -> None:
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self.start()
+        with self.cond:
+            self.ops.append(("call", op))
+            self.cond.notify_all()
+        return await done
 
     def abort(self, request_id: str) -> bool:
         """Abort a request; its pages are freed before the next step. False if it is unknown or already done."""

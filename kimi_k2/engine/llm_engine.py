@@ -58,6 +58,8 @@ def validate_params(p: SamplingParams, vocab_size: int, has_tokenizer: bool) -> 
     need(not p.stop or has_tokenizer, "stop strings need an engine with a tokenizer")
     need(all(isinstance(t, int) and 0 <= t < vocab_size for t in p.stop_token_ids),
          f"stop_token_ids must be token ids in [0, {vocab_size}), got {p.stop_token_ids!r}")
+    need(all(isinstance(t, int) and 0 <= t < vocab_size and not math.isnan(b) for t, b in p.logit_bias.items()),
+         f"logit_bias must map token ids in [0, {vocab_size}) to numbers")
 
 
 class LLMEngine:
@@ -245,6 +247,24 @@ class LLMEngine:
         if bar is not None:
             bar.close()
         return [[results[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, plist, strict=True)]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[int], k: int, chunk: int = 256) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the tokens before it, with the top k (None for the first token): the
+        prompt half of a completion's `echo` with `logprobs`. One forward over the prompt, outside the page pool."""
+        if self.runner.forward_fn != self.runner.forward:
+            raise ValueError("prompt logprobs (echo with logprobs) are not available when the model is split over "
+                             "ranks (--ep)")
+        hidden = self.runner.model.model(torch.tensor([prompt_ids]))[0]  # [S, D]
+        out: list[TokenLogprob | None] = [None]
+        for start in range(0, len(prompt_ids) - 1, chunk):
+            lp = self.runner.model.lm_head(hidden[start:start + chunk]).float().log_softmax(-1)  # predicts start+1..
+            nxt = torch.tensor(prompt_ids[start + 1:start + 1 + len(lp)])
+            chosen = lp[torch.arange(len(nxt)), nxt].tolist()
+            top_v, top_i = lp[: len(nxt)].topk(k) if k else (lp[: len(nxt), :0], lp[: len(nxt), :0].long())
+            for j, (t, v) in enumerate(zip(nxt.tolist(), chosen, strict=True)):
+                out.append(TokenLogprob(t, v, list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))))
+        return out
 
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager

@@ -42,6 +42,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf: banned)
     constraint: Callable[[], TokenConstraint] | None = None  # factory, called once per sample
 
 

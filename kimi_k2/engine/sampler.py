@@ -1,10 +1,10 @@
 """Next-token choice for a batch of sequences, each with its own SamplingParams.
 
-Order (as vLLM): constraint mask -> presence/frequency penalties (OpenAI: l -= f * count + p * [count > 0]) ->
-logprobs (of this distribution, before temperature) -> greedy argmax (temperature 0) or temperature -> top_k ->
-top_p (on the top_k-renormalized probabilities) -> min_p (p < min_p * p_max dropped) -> one draw. A draw is
-argmax(p / E) with E ~ Exp(1) from the sequence's own generator: an exact categorical sample, reproducible per seed
-whatever else shares the batch.
+Order (as vLLM): constraint mask -> logit_bias (added; -inf bans a token) -> presence/frequency penalties
+(OpenAI: l -= f * count + p * [count > 0]) -> logprobs (of this distribution, before temperature) -> greedy argmax
+(temperature 0) or temperature -> top_k -> top_p (on the top_k-renormalized probabilities) -> min_p (p < min_p *
+p_max dropped) -> one draw. A draw is argmax(p / E) with E ~ Exp(1) from the sequence's own generator: an exact
+categorical sample, reproducible per seed whatever else shares the batch.
 
 A constraint that fails (allows no token, or raises) fails only its own sequence: `sample` reports it, and the
 engine ends that request with the error while the rest of the batch goes on.
@@ -36,6 +36,13 @@ def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) 
                     errors[i] = "the output constraint allows no token"
                     continue
                 logits[i].masked_fill_(~allowed[:vocab].to(logits.device), float("-inf"))
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            if not bool(torch.isfinite(logits[i]).any()):
+                errors[i] = "logit_bias and the output constraint leave no token"
+                logits[i].nan_to_num_(0.0, neginf=0.0)
+                continue
         if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
             counts = torch.bincount(torch.tensor(seq.completion_ids), minlength=vocab)[:vocab].to(logits)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)

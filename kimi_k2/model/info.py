@@ -28,6 +28,10 @@ class ModelInfo:
     bf16_component_bytes: dict[str, int]  # COMPONENTS -> bytes, as bf16_bytes
     fp8_component_bytes: dict[str, int]  # COMPONENTS -> bytes, as fp8_bytes
     context_length: int
+    # routed experts INT4 as Kimi-K2-Thinking stores them (compressed-tensors pack-quantized: int32 words of eight
+    # 4-bit values, a bf16 scale per group of inputs, an int32 [2] shape per weight); the rest as in bf16_bytes
+    int4_bytes: int = 0
+    int4_component_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def kv_ratio(self) -> float:
@@ -98,18 +102,31 @@ def _fp8_bytes(t: _Tensor, block: tuple[int, int]) -> int:
     return t.numel + math.ceil(rows / block[0]) * math.ceil(cols / block[1]) * 4
 
 
+def _int4_bytes(t: _Tensor, group: int) -> int:
+    """A routed-expert weight [rows, cols] as weight_packed int32 [rows, ceil(cols/8)] + weight_scale bf16
+    [rows, ceil(cols/group)] + weight_shape int32 [2]; anything else as in bf16."""
+    if t.component != "routed_experts":
+        return t.numel * t.dtype_bytes
+    rows, cols = t.shape
+    return rows * math.ceil(cols / 8) * 4 + rows * math.ceil(cols / group) * 2 + 2 * 4
+
+
 def model_info(config: K2Config) -> ModelInfo:
     components = dict.fromkeys(COMPONENTS, 0)
     bf16 = dict.fromkeys(COMPONENTS, 0)
     fp8 = dict.fromkeys(COMPONENTS, 0)
+    int4 = dict.fromkeys(COMPONENTS, 0)
+    group = config.int4_group_size if config.is_int4 else 32
     for t in _tensors(config):
         components[t.component] += t.count * t.numel
         bf16[t.component] += t.count * t.numel * t.dtype_bytes
         fp8[t.component] += t.count * _fp8_bytes(t, config.weight_block_size)
+        int4[t.component] += t.count * _int4_bytes(t, group)
     total = sum(components.values())
     n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     unused_experts = n_moe * ((config.n_routed_experts or 0) - (config.num_experts_per_tok or 0))
     expert = 3 * config.hidden_size * config.moe_intermediate_size
     naive = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * config.num_hidden_layers * 2
     return ModelInfo(total, total - unused_experts * expert, components, kv_bytes_per_token(config), naive,
-                     sum(bf16.values()), sum(fp8.values()), bf16, fp8, config.max_position_embeddings)
+                     sum(bf16.values()), sum(fp8.values()), bf16, fp8, config.max_position_embeddings,
+                     sum(int4.values()), int4)

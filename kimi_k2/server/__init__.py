@@ -9,6 +9,13 @@ undeclared tool or fails its schema is dropped from `tool_calls` / `tool_use` (t
 `stop`, never `tool_calls`), and its marker text never appears in the content. A stream has already sent the
 beginning of a call cut by `max_tokens`; its finish reason `length` says it is incomplete.
 With `required` / a named tool the reply is only a tool-call section, so stop strings (which cut text) do not apply.
+A chat request that declares no tools has the tool-call section markers banned, so it never ends as an empty message.
+
+Drop-in for vLLM / SGLang deployments (issue 17): the routes are vLLM's (/v1/chat/completions, /v1/completions with
+batched prompts, /v1/responses, /v1/models and /v1/models/{id}) with OpenAI's wire details (logprobs in the chunk of
+their text, echo with prompt logprobs, logit_bias, `"usage": null` on non-final chunks, system_fingerprint). With
+`--reasoning-parser kimi_k2` (Kimi-K2-Thinking) the `<think>` span is OpenAI `reasoning_content`, an Anthropic
+`thinking` block and a Responses reasoning item, and reasoning sent back in a history goes where the template wants it.
 
 Under load and abuse (issue 18): every limit is a `ServerLimits` field and a `kimi-k2 serve` flag. A body over the
 size limit is answered 413 from its Content-Length before anything is read (or as soon as a chunked body passes it);

@@ -1,7 +1,10 @@
 """Anthropic-compatible routes: /v1/messages (streaming and not) and /v1/messages/count_tokens.
 
 Temperature is mapped as Moonshot's own Anthropic endpoint does: real = requested * 0.6 (MoonshotAI/Kimi-K2
-README §4), so Anthropic's default 1.0 becomes K2's recommended 0.6.
+README §4), so Anthropic's default 1.0 becomes K2's recommended 0.6. With `--reasoning-parser kimi_k2` the reasoning
+comes first as a `thinking` block (streamed as thinking_delta events; its `signature` is empty: nothing here checks
+one), and thinking blocks sent back in an assistant turn become that turn's reasoning in the prompt. The request's
+`thinking` setting is accepted; K2-Thinking always reasons.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from kimi_k2.engine import SamplingParams
 from kimi_k2.server import anthropic_protocol as ap
 from kimi_k2.server import conversation
 from kimi_k2.server.errors import APIError, anthropic_error, engine_failure
-from kimi_k2.server.generation import FinishEvent, Generation, TextEvent, ToolEvent, arguments_object
+from kimi_k2.server.generation import FinishEvent, Generation, ReasoningEvent, TextEvent, ToolEvent, arguments_object
 from kimi_k2.server.grammar import ToolPlan, lark_grammar
 from kimi_k2.server.openapi import (
     GENERATION_ERRORS,
@@ -87,12 +90,14 @@ def prepare_messages(st: ServerState, raw: bytes) -> tuple[ap.MessagesRequest, l
     if plan is not None and plan.mode == "required":
         stop = []  # the whole reply is one tool_use section: stop sequences, which cut text, do not apply
     try:
-        constraint = st.compiler.constraint(lark_grammar(plan, None))
+        constraint = st.compiler.constraint(lark_grammar(plan, None, st.reasoning))
     except ValueError as e:
         raise APIError(400, str(e)) from None
     t = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(max_tokens=st.max_tokens(len(prompt), body.max_tokens), temperature=t * TEMPERATURE_SCALE,
                             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, constraint=constraint)
+    if constraint is None:  # no tools declared: the model can never open a tool-call section
+        params.logit_bias = st.without_tool_markers(params.logit_bias)
     return body, prompt, plan, params
 
 
@@ -103,7 +108,7 @@ async def messages(request: Request):
         deadline = st.deadline()
         body, prompt, plan, params = await st.off_loop(prepare_messages, st, await read_body(request))
         gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden,
-                         deadline)
+                         deadline, st.reasoning)
         await launch(st, gen)
     if body.stream:
         return StreamingResponse(stream(st, gen, body.model), media_type="text/event-stream")
@@ -111,7 +116,7 @@ async def messages(request: Request):
     if samples is None:
         return client_gone(st)
     (s,) = samples
-    content = []
+    content: list[dict] = [{"type": "thinking", "thinking": s.reasoning, "signature": ""}] if s.reasoning else []
     if s.text or not s.calls:
         content.append({"type": "text", "text": s.text})
     content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": arguments_object(c.arguments)}
@@ -141,7 +146,16 @@ async def stream(st: ServerState, gen: Generation, model: str) -> AsyncIterator[
         yield event("ping", {})
         block, kind, last_call, any_call = -1, None, None, False  # open block index and type
         async for ev in events:
-            if isinstance(ev, TextEvent):
+            if isinstance(ev, ReasoningEvent):
+                if kind != "thinking":
+                    if kind is not None:
+                        yield event("content_block_stop", {"index": block})
+                    block, kind = block + 1, "thinking"
+                    yield event("content_block_start", {"index": block, "content_block": {
+                        "type": "thinking", "thinking": "", "signature": ""}})
+                yield event("content_block_delta", {"index": block, "delta": {
+                    "type": "thinking_delta", "thinking": ev.text}})
+            elif isinstance(ev, TextEvent):
                 if kind != "text":
                     if kind is not None:
                         yield event("content_block_stop", {"index": block})
@@ -159,9 +173,11 @@ async def stream(st: ServerState, gen: Generation, model: str) -> AsyncIterator[
                     yield event("content_block_delta", {"index": block, "delta": {
                         "type": "input_json_delta", "partial_json": ev.arguments}})
             elif isinstance(ev, FinishEvent):
-                if kind is None and not any_call:
-                    block, kind = 0, "text"
-                    yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                if kind in (None, "thinking") and not any_call:  # always a text block when no tool was used
+                    if kind is not None:
+                        yield event("content_block_stop", {"index": block})
+                    block, kind = block + 1, "text"
+                    yield event("content_block_start", {"index": block, "content_block": {"type": "text", "text": ""}})
                 if kind is not None:
                     yield event("content_block_stop", {"index": block})
                 reason, seq = stop_reason(ev)

@@ -38,6 +38,8 @@ class ToolResultBlock(Lenient):
 
 class ThinkingBlock(Lenient):
     type: Literal["thinking", "redacted_thinking"]
+    thinking: str | None = None  # a thinking block sent back: the turn's reasoning (redacted ones hold `data`)
+    signature: str | None = None
 
 
 Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock

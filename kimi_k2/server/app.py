@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from kimi_k2.server import anthropic_api, openai_api
+from kimi_k2.server import anthropic_api, completions_api, openai_api, responses_api
 from kimi_k2.server.errors import APIError, anthropic_error, openai_error
 from kimi_k2.server.openapi import Health, RouteDoc, document, openapi_schema
 from kimi_k2.server.state import ServerState
@@ -23,7 +23,8 @@ from kimi_k2.server.state import ServerState
 log = logging.getLogger("kimi_k2.server")
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/redoc")
 UNCOUNTED = (*OPEN_PATHS, "/metrics")
-API_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens"}
+API_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/messages",
+             "/v1/messages/count_tokens"}
 document("get", "/health", RouteDoc("open", ok=Health))
 document("get", "/metrics", RouteDoc("openai", errors=(401,), ok_media="text/plain"))
 
@@ -113,6 +114,8 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app = FastAPI(title="kimi-k2", summary="OpenAI- and Anthropic-compatible Kimi K2 server", lifespan=lifespan)
     app.state.k2 = state
     app.include_router(openai_api.router)
+    app.include_router(completions_api.router)
+    app.include_router(responses_api.router)
     app.include_router(anthropic_api.router)
     app.openapi = lambda: openapi_schema(app)
 

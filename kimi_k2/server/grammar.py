@@ -7,6 +7,10 @@ The grammar spells out the K2 tool-call section (MoonshotAI/Kimi-K2 docs/tool_ca
 
 with `idx` the conversation-wide running call counter and `{json}` valid against that tool's schema. Free text
 before the section excludes special tokens, so `auto` mode can only produce declared tools with valid arguments.
+
+With reasoning on (K2-Thinking, `--reasoning-parser kimi_k2`) every grammar starts with the reasoning span the model
+writes first, `<think> text </think>` then the answer as above, or `<think> text` straight into the tool-call section
+(which ends the reasoning implicitly, as the reasoning parser reads it).
 """
 
 from __future__ import annotations
@@ -45,19 +49,19 @@ def _json(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
-def lark_grammar(plan: ToolPlan | None, text_schema: dict | None) -> str | None:
+def lark_grammar(plan: ToolPlan | None, text_schema: dict | None, reasoning: bool = False) -> str | None:
     """Lark source for llguidance, or None when decoding is unconstrained."""
     calls = plan is not None and plan.mode != "none" and bool(plan.tools)
     if plan is None and text_schema is None:
         return None
-    rules = []
+    rules = ["THINK: /(?s:.*)/"] if reasoning else []
     text = "json_text" if text_schema is not None else "TEXT"
     if text_schema is not None:
         rules.append(f"json_text: {_json(text_schema)}")
     else:
         rules.append("TEXT: /(?s:.*)/")
     if not calls:  # tool_choice "none": text (or JSON), never a tool-call section
-        return "\n".join([f"start: {text}", *rules])
+        return "\n".join([f"start: {_think(text, None, reasoning)}", *rules])
     names = [plan.only] if plan.only else list(plan.tools)
     n = 1 if plan.only or not plan.parallel else MAX_CALLS
     for k, name in enumerate(names):
@@ -71,12 +75,20 @@ def lark_grammar(plan: ToolPlan | None, text_schema: dict | None) -> str | None:
         chain = f" (call_{i}{chain})?"
     rules.append(f"section: <|tool_calls_section_begin|> call_0{chain} <|tool_calls_section_end|>")
     if plan.mode == "required":
-        start = "start: section"
+        answer = "section"
     elif text_schema is not None:
-        start = f"start: {text} | section"
+        answer = f"({text} | section)"
     else:
-        start = f"start: {text} section?"
-    return "\n".join([start, *rules])
+        answer = f"{text} section?"
+    return "\n".join([f"start: {_think(answer, 'section', reasoning)}", *rules])
+
+
+def _think(answer: str, section: str | None, reasoning: bool) -> str:
+    """The start rule: `answer`, after the reasoning span when reasoning is on."""
+    if not reasoning:
+        return answer
+    implicit = f" | {section}" if section else ""
+    return f"<think> THINK (</think> {answer}{implicit})"
 
 
 class GuidedDecoding:

@@ -134,3 +134,26 @@ def unproductive_ref(schema: object) -> str | None:
     if ok[root]:
         return None
     return next((ref for ref, t in refs if not ok[t]), "#")
+
+
+def normalize_types(schema: object) -> object:
+    """A copy of `schema` with the JSON-schema type "int" (which some clients send) read as "integer", in `type`
+    strings and lists at any depth; everything else unchanged."""
+    if isinstance(schema, list):
+        return [normalize_types(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "type" and v == "int":
+            out[k] = "integer"
+        elif k == "type" and isinstance(v, list):
+            out[k] = ["integer" if t == "int" else t for t in v]
+        elif k in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas") and \
+                isinstance(v, dict):
+            out[k] = {name: normalize_types(sub) for name, sub in v.items()}
+        elif k in ("enum", "const", "default", "examples"):  # values, not schemas
+            out[k] = v
+        else:
+            out[k] = normalize_types(v)
+    return out

@@ -58,6 +58,7 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = None  # with --reasoning-parser kimi_k2
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -73,6 +74,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -89,6 +91,7 @@ class TextCompletion(BaseModel):
     object: Literal["text_completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
 
@@ -98,6 +101,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str
     max_model_len: int
 
 
@@ -109,6 +113,12 @@ class ModelList(BaseModel):
 class TextContent(BaseModel):
     type: Literal["text"]
     text: str
+
+
+class ThinkingContent(BaseModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
 
 
 class ToolUseContent(BaseModel):
@@ -130,7 +140,7 @@ class AnthropicMessage(BaseModel):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str
-    content: list[TextContent | ToolUseContent]
+    content: list[ThinkingContent | TextContent | ToolUseContent]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
     stop_sequence: str | None
     usage: MessageUsage
@@ -138,6 +148,35 @@ class AnthropicMessage(BaseModel):
 
 class TokenCount(BaseModel):
     input_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A Responses API response: output items of type reasoning, message and function_call."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete"]
+    model: str
+    output: list[dict[str, Any]]
+    incomplete_details: dict[str, str] | None
+    store: Literal[False]
+    usage: ResponseUsage
+
+
+class ResponsesStreamEvent(BaseModel):
+    """One server-sent event of a streamed response: `data` is the JSON object of that `event` type."""
+
+    event: str
+    data: str
 
 
 class OpenAIStreamEvent(BaseModel):
@@ -163,7 +202,7 @@ class Health(BaseModel):
 ERRORS = {
     400: "invalid request (bad field, unsupported or unsatisfiable schema, prompt too long, ...)",
     401: "missing or wrong API key",
-    404: "unknown model",
+    404: "unknown model (or, for a stored response, none: this server stores none)",
     413: "request body over the server's size limit",
     429: "too many requests queued; retry after the Retry-After seconds",
     500: "generation failed inside the engine",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import uuid
@@ -16,11 +17,14 @@ from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from kimi_k2 import __version__
 from kimi_k2.engine.async_engine import EngineOverloadedError
+from kimi_k2.reasoning import THINK_BEGIN, THINK_END
 from kimi_k2.server.errors import APIError, engine_failure, pydantic_message
 from kimi_k2.server.generation import Generation, Sample, collect_unless_gone
 from kimi_k2.server.grammar import GrammarCompiler
 from kimi_k2.server.limits import ServerLimits
+from kimi_k2.toolcalls import MARKERS
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -76,9 +80,11 @@ class Metrics:
 class ServerState:
     def __init__(self, engine, tokenizer, model_names: list[str], vocab_size: int, api_key: str | None = None,
                  default_max_tokens: int | None = None, limits: ServerLimits | None = None,
-                 public_metrics: bool = False):
+                 public_metrics: bool = False, reasoning: bool = False):
         """`default_max_tokens`: completion budget when a request sets none (None: the rest of the context).
-        `api_key`: required on every API route and, unless `public_metrics`, on /metrics (None: no key)."""
+        `api_key`: required on every API route and, unless `public_metrics`, on /metrics (None: no key).
+        `reasoning`: split `<think>` reasoning from the content (`--reasoning-parser kimi_k2`, for K2-Thinking):
+        OpenAI `reasoning_content`, Anthropic `thinking` blocks, Responses reasoning items."""
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty (pass None to serve without a key)")
         self.engine = engine
@@ -93,9 +99,16 @@ class ServerState:
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
         # a prompt of C characters has at least C / max_token_chars tokens (special tokens count by their text)
         self.max_token_chars = max(len(tokenizer.id_to_token_bytes(i)) for i in range(tokenizer.n_vocab))
-        # chat replies drop `special: true` tokens, as Hugging Face's skip_special_tokens (tool-call markers stay)
+        # chat replies drop `special: true` tokens, as Hugging Face's skip_special_tokens (tool-call markers stay,
+        # and so do <think> / </think> whatever a tokenizer_config says: the reasoning parser reads them)
         self.hidden = re.compile("|".join(re.escape(t) for t, i in tokenizer.special_tokens.items()
-                                          if i in tokenizer.skippable_ids))
+                                          if i in tokenizer.skippable_ids and t not in (THINK_BEGIN, THINK_END)))
+        self.reasoning = reasoning
+        # a request with no tools can never open a tool-call section: these ids are banned from its output
+        self.tool_marker_ids = sorted(tokenizer.special_tokens[m] for m in MARKERS if m in tokenizer.special_tokens)
+        # names this server's build: the model's shape and tokenizer, the package version (OpenAI `system_fingerprint`)
+        basis = f"{__version__}|{vocab_size}|{tokenizer.n_vocab}|{model_names[0] if model_names else ''}|{reasoning}"
+        self.fingerprint = "fp_" + hashlib.sha256(basis.encode()).hexdigest()[:10]
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -140,6 +153,26 @@ class ServerState:
             if len(s) > lim.max_stop_chars:
                 raise APIError(400, f"{param}[{i}] is {len(s)} characters long; at most {lim.max_stop_chars} are "
                                     "allowed", param)
+
+    def logit_bias(self, raw: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
+        """OpenAI's logit_bias (token id -> bias in [-100, 100]) checked against this tokenizer's ids."""
+        out: dict[int, float] = {}
+        for key, value in (raw or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"{param}: key {key!r} is not a token id", param) from None
+            if not 0 <= token < self.tokenizer.n_vocab:
+                raise APIError(400, f"{param}: token id {token} is outside the vocabulary [0, "
+                                    f"{self.tokenizer.n_vocab})", param)
+            if not -100 <= value <= 100:
+                raise APIError(400, f"{param}: the bias of token {token} is {value}; it must be in [-100, 100]", param)
+            out[token] = float(value)
+        return out
+
+    def without_tool_markers(self, bias: dict[int, float]) -> dict[int, float]:
+        """`bias` plus a ban on the tool-call markers (a request that declared no tools)."""
+        return {**bias, **dict.fromkeys(self.tool_marker_ids, float("-inf"))}
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:

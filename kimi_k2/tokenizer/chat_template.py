@@ -29,8 +29,15 @@ class Marker(str):
     """A template variable holding special-token text the template may print as its own marker (`bos_token`, ...)."""
 
 
-def builtin_template() -> str:
-    return resources.files("kimi_k2.tokenizer").joinpath("chat_template.jinja").read_text(encoding="utf-8")
+# name -> file of the chat templates shipped with the package (`--chat-template NAME`)
+BUILTIN_TEMPLATES = {"kimi_k2": "chat_template.jinja", "kimi_k2_thinking": "chat_template_thinking.jinja"}
+
+
+def builtin_template(name: str = "kimi_k2") -> str:
+    """The K2-Instruct-0905 template (`kimi_k2`) or the Kimi-K2-Thinking one (`kimi_k2_thinking`)."""
+    if name not in BUILTIN_TEMPLATES:
+        raise ValueError(f"unknown built-in chat template {name!r}; built in: {sorted(BUILTIN_TEMPLATES)}")
+    return resources.files("kimi_k2.tokenizer").joinpath(BUILTIN_TEMPLATES[name]).read_text(encoding="utf-8")
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
@@ -140,6 +147,11 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 calls.append({"id": new, "type": "function", "function": {"name": fn["name"], "arguments": args}})
                 n += 1
             m["tool_calls"] = calls
+        if "reasoning_content" in m:  # earlier reasoning, rendered where the template keeps it (K2-Thinking)
+            if m["reasoning_content"] is None:
+                del m["reasoning_content"]
+            elif role != "assistant" or not isinstance(m["reasoning_content"], str):
+                raise ValueError(f"{where}: reasoning_content must be a string on an assistant message")
         if role == "tool":
             if not isinstance(m.get("tool_call_id"), str):
                 raise ValueError(f"{where}: a tool message needs a string tool_call_id")

@@ -45,6 +45,20 @@ K2_SPECIAL_OFFSETS: dict[int, tuple[str, bool]] = {
     255: ("[PAD]", True),
 }
 
+# Kimi-K2-Thinking adds the media markers and the reasoning delimiters (ids 163602..163607; kimi_k2_formats.md §2.1).
+# <think> and </think> are kept `special: false` here, like the tool-call markers, so that skip_special_tokens keeps
+# them in the text the reasoning parser splits.
+THINK_BEGIN, THINK_END = "<think>", "</think>"
+K2_THINKING_SPECIAL_OFFSETS: dict[int, tuple[str, bool]] = {
+    **K2_SPECIAL_OFFSETS,
+    18: ("<|media_begin|>", True),
+    19: ("<|media_content|>", True),
+    20: ("<|media_end|>", True),
+    21: ("<|media_pad|>", True),
+    22: (THINK_BEGIN, False),
+    23: (THINK_END, False),
+}
+
 
 def reserved_name(token_id: int) -> str:
     return f"<|reserved_token_{token_id}|>"
