@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from server_fixtures import API_KEY, ServerThread, make_model_dir, make_state
+from server_fixtures import API_KEY, MODEL, ServerThread, make_model_dir, make_state
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -47,6 +47,22 @@ def test_openapi_schema_lists_every_endpoint(server):
     for p in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
               "/health", "/metrics"):
         assert p in paths
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "top_k": False}, "top_k"),
+    ("/v1/completions", {"prompt": [[False]]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "stream"),
+])
+def test_values_of_another_json_type_are_rejected(server, path, body, param):
+    """What the schema forbids is refused (schemathesis' negative_data_rejection found `top_k: false` and the token
+    prompt `[[false]]` served as 0): no bool for an int, no string for a number, no int for a bool."""
+    r = httpx.post(server + path, json={"model": MODEL, **body}, headers=AUTH)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(param), message
 
 
 @schema.parametrize()
