@@ -1,5 +1,7 @@
-"""Property-based fuzzing of the served OpenAPI schema (schemathesis): no request, valid or not, gets a 5xx, and
-every answer conforms to the schema (documented status, content type, headers and body).
+"""Property-based fuzzing of the served OpenAPI schema (schemathesis): no request, valid or not, gets a 5xx, every
+answer conforms to the schema (documented status, content type, headers and body), and what the schema forbids is
+refused. (Not checked: that every schema-valid request is served; a prompt longer than the context or a tool result
+answering no tool call is valid JSON and still a 400.) The CLI run against `kimi-k2 serve` is in benchmarks/README.md.
 
 The default run is bounded (6 examples per operation, ~40 in all); `--run-slow` runs a bigger one.
 """
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -39,7 +42,7 @@ def api_schema(server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance]
+          response_schema_conformance, negative_data_rejection]
 
 
 def test_openapi_schema_lists_every_endpoint(server):
