@@ -5,7 +5,7 @@ One real server (uvicorn, its own process). C well-behaved clients stream chat c
 clients' time to first token and inter-token latency (gap between content chunks) p50/p99 per phase (pooled, and the
 abuse/quiet p99 ratio of each round, whose two phases ran back to back), every abusive request's status and error
 (each must be the expected named error, or a served stream for the accepted kinds), the server's 5xx count, CPU
-time, and RSS at the start and after each round. Abusers run in their own process
+time, and RSS at the start (after a warm-up) and after each phase. Abusers run in their own process
 over raw sockets (cheap clients: the CPU they take from a shared box should be the server's doing, not theirs), each
 sending at most one request per --pace seconds (--pace 0: back to back, a flood). Without --model it builds a random
 model (preset, seeded) with a tokenizer trained on the stdlib docs, so it runs anywhere:
@@ -329,8 +329,8 @@ def main() -> int:
                         ab.join()
                     cpu[phase] += sum(server.cpu_times()[:2]) - c0
                     load.append(os.getloadavg()[0])
-                engine_idle(url)
-                rss.append(server.memory_info().rss)
+                    engine_idle(url)
+                    rss.append((phase, server.memory_info().rss))
             idle = engine_idle(url)
         finally:
             proc.terminate()
@@ -353,7 +353,9 @@ def main() -> int:
         "engine_after": {k: idle[k] for k in ("running", "waiting", "pages_used") if k in idle},
         "cpu_s": {"server_quiet": round(cpu["quiet"], 1), "server_abuse": round(cpu["abuse"], 1),
                   "abusers_process": round(cpu["abusers"], 1)},
-        "rss_mb": {"baseline": round(rss[0] / 2**20, 1), "after_each_round": [round(x / 2**20, 1) for x in rss[1:]]},
+        "rss_mb": {"baseline": round(rss[0] / 2**20, 1),
+                   "after_each_phase": [f"{phase} {x / 2**20:.1f}" for phase, x in rss[1:]],
+                   "last_minus_first_phase": round((rss[-1][1] - rss[1][1]) / 2**20, 1)},
     }
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)

@@ -281,3 +281,46 @@ def test_serve_refuses_an_empty_api_key(capsys, monkeypatch):
     monkeypatch.setenv("KIMI_K2_API_KEY", "")
     assert main(["serve"]) == 2
     assert "KIMI_K2_API_KEY is set but empty" in capsys.readouterr().err
+
+
+def test_serve_flags_set_every_limit(capsys, monkeypatch):
+    """Each limit has a `kimi-k2 serve` flag that reaches ServerLimits; a bad value is a usage error before the model
+    loads; the defaults are ServerLimits' own."""
+    from kimi_k2.cli import command_parser, main
+    from kimi_k2.cli.serve import server_limits
+
+    parser = command_parser("serve")
+    limits = server_limits(parser.parse_args([
+        "--max-request-bytes", "1000", "--max-stop-sequences", "2", "--max-stop-chars", "30", "--max-tools", "5",
+        "--max-schema-bytes", "700", "--max-prompt-tokens", "90", "--max-queued-requests", "7",
+        "--request-timeout", "2.5"]))
+    assert limits == ServerLimits(max_request_bytes=1000, max_stop_sequences=2, max_stop_chars=30, max_tools=5,
+                                  max_schema_bytes=700, max_prompt_tokens=90, max_queued_requests=7,
+                                  request_timeout_s=2.5)
+    assert server_limits(parser.parse_args([])) == ServerLimits()
+    assert server_limits(parser.parse_args(["--request-timeout", "0"])).request_timeout_s is None
+    monkeypatch.delenv("KIMI_K2_API_KEY", raising=False)
+    assert main(["serve", "/nonexistent-model", "--max-queued-requests", "0"]) == 2
+    assert "max_queued_requests (--max-queued-requests) must be an int >= 1" in capsys.readouterr().err
+
+
+def test_memory_of_a_big_body_is_handed_back(served, monkeypatch):
+    """glibc keeps the heap that multi-MB bodies were parsed in (RSS stayed ~40 MB up after bench_abuse's huge
+    bodies): the server calls malloc_trim once such a request is done, and only then."""
+    from kimi_k2.server import app
+
+    if app.MALLOC_TRIM is None:
+        pytest.skip("not glibc")
+    calls = []
+    monkeypatch.setattr(app, "TRIM_AFTER_BYTES", 20_000)
+    monkeypatch.setattr(app, "MALLOC_TRIM", lambda pad: calls.append(pad))
+    url, _ = served
+    assert httpx.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH).status_code == 200
+    assert calls == []
+    big = {**CHAT, "messages": [{"role": "user", "content": "x " * 15_000}]}
+    r = httpx.post(url + "/v1/chat/completions", json=big, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == [0]

@@ -195,18 +195,29 @@ def test_schemas_without_a_finite_value_are_rejected(compiler, tok, name):
 
 
 def test_grammar_cache_is_safe_across_threads(tok):
-    """The request threads and the engine thread share the LRU cache: with eviction on every call, unlocked
-    get/move_to_end raised KeyError (issue 18)."""
+    """The request threads and the engine thread share the LRU cache: a hit (get, then move_to_end) racing an
+    eviction raised KeyError without the lock (issue 18). The cache's `get` is slowed to widen that window: some
+    threads hit schema A while others compile B, C, D, each insert evicting A (cache size 1)."""
     import threading
+    import time
+    from collections import OrderedDict
+
+    class SlowGet(OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            time.sleep(0.002)
+            return value
 
     c = GrammarCompiler(tok, tok.n_vocab, cache_size=1)
-    schemas = [{"type": "integer", "minimum": i} for i in range(3)]
+    c.cache = SlowGet()
+    hit = {"type": "integer", "minimum": 0}
     errors = []
 
     def work(k):
         try:
-            for j in range(400):
-                assert c.validates(schemas[(j + k) % 3], "7")
+            for j in range(60):
+                schema = hit if k % 2 == 0 else {"type": "integer", "minimum": 1 + (j + k) % 3}
+                assert c.validates(schema, "7")
         except Exception as e:
             errors.append(repr(e))
 

@@ -10,7 +10,7 @@ from kimi_k2.server.openai_protocol import TOOL_NAME
 
 
 class Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as documented: no "5" or false for 5
 
 
 class TextBlock(Lenient):

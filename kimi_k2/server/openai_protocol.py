@@ -14,7 +14,7 @@ MAX_N = 16
 
 
 class Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as documented: no "5" or false for 5
 
 
 class FunctionDefinition(Lenient):
