@@ -58,6 +58,17 @@ def test_compiled_decode_equals_eager_engine() -> None:
         [r[0].token_ids for r in eager.generate(prompts, params)]
 
 
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp16", marks=pytest.mark.slow)])
+def test_compiled_decode_of_quantized_weights_equals_eager(fmt: str) -> None:
+    """`--quantization int8|fp16`: the compiled graph runs the same kernels (`kimi_k2::linear_q8` / `linear_f16`,
+    opaque to inductor) on the same fused / packed weights as the eager quantized model."""
+    model = quantize_model(random_tiny_model(), fmt)
+    compiled, eager = _engine(model, True), _engine(model, False)
+    assert compiled.runner.decoder is not None
+    _assert_same(model, compiled, eager, new=10)
+    assert compiled.runner.decoder.compile_seconds is not None
+
+
 def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
     model = random_tiny_model()
     compiled = _engine(model, True).runner
@@ -78,10 +89,7 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
 def test_compile_decode_falls_back_to_eager_for_unsupported_models(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="compile_decode must be a bool"):
         EngineConfig(compile_decode="yes")
-    quantized = random_tiny_model()
-    quantize_model(quantized, "int8")
-    cases = [(random_tiny_model().to(torch.bfloat16), None, "float32 models only"),
-             (quantized, None, "is int8"),
+    cases = [(random_tiny_model().to(torch.bfloat16), None, "float32 or quantized"),
              (random_tiny_model(), torch.bfloat16, "float32 latent cache")]
     for model, cache_dtype, reason in cases:
         caplog.clear()

@@ -78,11 +78,11 @@ class CompiledDecoder:
     def _run(self, token: int, pos: int, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ps = self.pool.page_size
         n = max(-(-pos // ps), 2)  # the pages holding the cached tokens, padded with page 0 (masked) to >= 2
-        pages = torch.tensor(block_table[:n] + [0] * (n - len(block_table[:n])))
-        args = (self.weights(), torch.tensor([token]), torch.tensor(pos), pages, self.pool.kv)
+        pages = torch.tensor([block_table[:n] + [0] * (n - len(block_table[:n]))])  # [1, n]
+        args = (self.weights(), torch.tensor([token]), torch.tensor([pos]), pages, self.pool.kv)
         if self.compile_seconds is not None:
             return self.step(*args)
-        torch._dynamo.mark_dynamic(pages, 0)
+        torch._dynamo.mark_dynamic(pages, 1)
         torch._dynamo.mark_dynamic(self.pool.kv, 1)  # pools of any size share the graph
         start = time.perf_counter()
         out = self.step(*args)
@@ -100,5 +100,5 @@ class CompiledDecoder:
         """Compute row's one token and store its latents -> fp32 logits [1, vocab]."""
         ps, pos = self.pool.page_size, row.num_computed_tokens
         logits, latents = self._run(row.input_ids[0], pos, row.block_table)
-        self.pool.kv[:, row.block_table[pos // ps] * ps + pos % ps] = latents
+        self.pool.kv[:, row.block_table[pos // ps] * ps + pos % ps] = latents[:, 0]
         return logits
