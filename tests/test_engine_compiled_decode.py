@@ -46,9 +46,11 @@ def test_compiled_decode_equals_eager_engine() -> None:
     compiled, eager = _engine(model, True), _engine(model, False)
     _assert_same(model, compiled, eager)
     assert compiled.runner.decoder.compile_seconds is not None  # the compiled graph did run
-    with torch.no_grad():  # in-place weight updates reach the compiled path (stacked experts, fused copies)
+    with torch.no_grad():  # in-place weight updates reach the compiled path (packed experts, fused views) ...
         model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
         model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
+        shared = model.model.layers[1].mlp.shared_experts.down_proj  # ... and so does a replaced tensor
+        shared.weight = torch.nn.Parameter(shared.weight * -2.0)
     _assert_same(model, compiled, eager, new=6)
     # a pool of another size, and a batch (eager steps) next to single streams, on the same graph
     other = _engine(model, True, num_pages=40)
