@@ -100,3 +100,5 @@ def test_generate_cli_compile(capsys):
     compiled = json.loads(capsys.readouterr().out)
     assert main(args) == 0
     assert compiled["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    assert main(args + ["--compile", "--quantization", "int8"]) == 0  # the compiled decode serves int8 weights
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4

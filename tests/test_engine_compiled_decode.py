@@ -46,9 +46,11 @@ def test_compiled_decode_equals_eager_engine() -> None:
     compiled, eager = _engine(model, True), _engine(model, False)
     _assert_same(model, compiled, eager)
     assert compiled.runner.decoder.compile_seconds is not None  # the compiled graph did run
-    with torch.no_grad():  # in-place weight updates reach the compiled path (stacked experts, fused copies)
+    with torch.no_grad():  # in-place weight updates reach the compiled path (packed experts, fused views) ...
         model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
         model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
+        shared = model.model.layers[1].mlp.shared_experts.down_proj  # ... and so does a replaced tensor
+        shared.weight = torch.nn.Parameter(shared.weight * -2.0)
     _assert_same(model, compiled, eager, new=6)
     # a pool of another size, and a batch (eager steps) next to single streams, on the same graph
     other = _engine(model, True, num_pages=40)
@@ -56,6 +58,17 @@ def test_compiled_decode_equals_eager_engine() -> None:
     prompts = [[3, 4, 5], list(range(2, 30))]
     assert [r[0].token_ids for r in other.generate(prompts, params)] == \
         [r[0].token_ids for r in eager.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp16", marks=pytest.mark.slow)])
+def test_compiled_decode_of_quantized_weights_equals_eager(fmt: str) -> None:
+    """`--quantization int8|fp16`: the compiled graph runs the same kernels (`kimi_k2::linear_q8` / `linear_f16`,
+    opaque to inductor) on the same fused / packed weights as the eager quantized model."""
+    model = quantize_model(random_tiny_model(), fmt)
+    compiled, eager = _engine(model, True), _engine(model, False)
+    assert compiled.runner.decoder is not None
+    _assert_same(model, compiled, eager, new=10)
+    assert compiled.runner.decoder.compile_seconds is not None
 
 
 def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
@@ -78,10 +91,7 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
 def test_compile_decode_falls_back_to_eager_for_unsupported_models(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="compile_decode must be a bool"):
         EngineConfig(compile_decode="yes")
-    quantized = random_tiny_model()
-    quantize_model(quantized, "int8")
-    cases = [(random_tiny_model().to(torch.bfloat16), None, "float32 models only"),
-             (quantized, None, "is int8"),
+    cases = [(random_tiny_model().to(torch.bfloat16), None, "float32 or quantized"),
              (random_tiny_model(), torch.bfloat16, "float32 latent cache")]
     for model, cache_dtype, reason in cases:
         caplog.clear()

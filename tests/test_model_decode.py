@@ -1,5 +1,6 @@
 """`kimi_k2.model.decode.DecodeStep` (the function `compile_decode` compiles), run eagerly, against the model's own
-decode step: same logits and latents, reading a paged pool through non-contiguous pages, blind to masked rows."""
+decode step: same logits and latents, reading a paged pool through non-contiguous pages, blind to masked rows, for
+one sequence or a batch at different positions, on fp32, fp16 and int8 weights."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from model_fixtures import random_tiny_model
 
 from kimi_k2.model.decode import DecodeStep, check_decode_model, decode_weights
 from kimi_k2.model.dense_cache import DenseLatentCache
-from kimi_k2.ops.layout import stack_parameters
-from kimi_k2.ops.quantize import quantize_linears
+from kimi_k2.model.grouped_experts import GroupedExperts
+from kimi_k2.model.quantized import quantize_model
 
 VARIANTS = {
     "q-lora": {},
@@ -31,6 +32,14 @@ def _paged(cache: DenseLatentCache, n: int, pages: list[int], fill: float) -> to
     return kv
 
 
+def _prefilled(model, ids: torch.Tensor, n: int) -> DenseLatentCache:
+    cache = DenseLatentCache.for_model(model.config, ids.shape[0], 16)
+    cache.begin([n] * ids.shape[0])
+    model(ids[:, :n], cache.positions(n), cache)
+    cache.end()
+    return cache
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_step_equals_model(variant: str) -> None:
     model = random_tiny_model(**VARIANTS[variant])
@@ -39,45 +48,70 @@ def test_decode_step_equals_model(variant: str) -> None:
     step = DecodeStep(cfg, model.model.rotary.attention_factor, PAGE)
     pages = [5, 2, 7, 0]  # out of order, with unused pages between
     with torch.no_grad():
-        cache = DenseLatentCache.for_model(cfg, 1, 16)
-        cache.begin([6])
-        model(ids[:, :6], cache.positions(6), cache)
-        cache.end()
+        cache = _prefilled(model, ids, 6)
         for pos in range(6, 11):
             kv = _paged(cache, pos, pages, fill=1e3)  # masked rows hold large values: must not leak in
             n = -(-pos // PAGE) + 1  # one padding page too
-            logits, latents = step(decode_weights(model), ids[0, pos : pos + 1], torch.tensor(pos),
-                                   torch.tensor(pages[:n]), kv)
+            logits, latents = step(decode_weights(model), ids[0, pos : pos + 1], torch.tensor([pos]),
+                                   torch.tensor([pages[:n]]), kv)
             cache.begin([1])
             reference = model(ids[:, pos : pos + 1], cache.positions(1), cache)[0, 0]
             cache.end()
             torch.testing.assert_close(logits[0], reference, rtol=0, atol=1e-5)
             expected = torch.cat([cache.c_kv[:, 0, pos], cache.k_pe[:, 0, pos]], dim=-1)
-            torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(latents[:, 0], expected, rtol=0, atol=1e-5)
 
 
-def test_stacked_experts_are_views_of_the_model() -> None:
-    """After `stack_parameters` the [E, ...] stacks DecodeStep reads are the experts' own memory: no copy, so an
-    in-place update of one expert is what the next step reads, and the state_dict keeps its names and values."""
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8"])
+def test_batched_decode_step_equals_model(fmt: str) -> None:
+    """Three sequences at positions 3, 9 and 6 in one step (each its own pages) give each one's own logits and
+    latents: those of the model (quantized alike) decoding it alone."""
+    model = random_tiny_model()
+    if fmt != "fp32":
+        quantize_model(model, fmt)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(4))
+    positions, tables = [3, 9, 6], [[1, 4, 9], [0, 6, 3], [8, 2, 5]]
+    step = DecodeStep(cfg, model.model.rotary.attention_factor, PAGE)
+    kv = torch.full((cfg.num_hidden_layers, 10 * PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim), 1e3)
+    references, expected = [], []
+    with torch.no_grad():
+        for b, pos in enumerate(positions):
+            cache = _prefilled(model, ids[b : b + 1], pos)
+            kv_b = _paged(cache, pos, tables[b], fill=0.0)
+            for t in range(pos):
+                slot = tables[b][t // PAGE] * PAGE + t % PAGE
+                kv[:, slot] = kv_b[:, slot]
+            cache.begin([1])
+            references.append(model(ids[b : b + 1, pos : pos + 1], cache.positions(1), cache)[0, 0])
+            cache.end()
+            expected.append(torch.cat([cache.c_kv[:, 0, pos], cache.k_pe[:, 0, pos]], dim=-1))
+        logits, latents = step(decode_weights(model), ids[torch.arange(3), positions], torch.tensor(positions),
+                               torch.tensor(tables), kv)
+    torch.testing.assert_close(logits, torch.stack(references), rtol=0, atol=1e-4)
+    torch.testing.assert_close(latents, torch.stack(expected, dim=1), rtol=0, atol=1e-5)
+
+
+def test_packed_experts_are_views_of_the_model() -> None:
+    """The [E, 2I, D] gate | up and [E, D, I] down stacks DecodeStep reads are the experts' own memory: no copy, so
+    an in-place update of one expert is what the next step reads, and the state_dict keeps its names and values."""
     model = random_tiny_model()
     moe = model.model.layers[1].mlp
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        stack_parameters([getattr(e, proj) for e in moe.experts], "weight")
+    moe.experts = GroupedExperts(moe.experts)
+    assert list(model.state_dict()) == list(before)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    gate, up, down = decode_weights(model)["layers"][1]["experts"]
-    assert gate.data_ptr() == moe.experts[0].gate_proj.weight.data_ptr()
+    (gate_up, _), (down, _) = decode_weights(model)["layers"][1]["experts"]
+    inter = moe.experts[0].up_proj.weight.shape[0]
+    assert gate_up.data_ptr() == moe.experts[0].gate_proj.weight.data_ptr()
     with torch.no_grad():
         moe.experts[3].up_proj.weight.mul_(2.0)
-    torch.testing.assert_close(up[3], 2 * before["model.layers.1.mlp.experts.3.up_proj.weight"])
-    assert stack_parameters([e.up_proj for e in moe.experts], "weight").data_ptr() == up.data_ptr()  # already stacked
+    torch.testing.assert_close(gate_up[3, inter:], 2 * before["model.layers.1.mlp.experts.3.up_proj.weight"])
+    torch.testing.assert_close(down[2], before["model.layers.1.mlp.experts.2.down_proj.weight"])
 
 
 def test_check_decode_model_rejects_what_it_cannot_run() -> None:
     check_decode_model(random_tiny_model())
-    with pytest.raises(ValueError, match="float32 models only.*bfloat16"):
+    check_decode_model(quantize_model(random_tiny_model(), "int8"))
+    with pytest.raises(ValueError, match="float32 or quantized.*bfloat16"):
         check_decode_model(random_tiny_model().to(torch.bfloat16))
-    model = random_tiny_model()
-    quantize_linears(model.model.layers[0], "int8")
-    with pytest.raises(ValueError, match="float32 weights only; model.layers.0.self_attn.q_a_proj is int8"):
-        check_decode_model(model)

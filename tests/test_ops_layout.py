@@ -3,12 +3,13 @@ weights become views of one tensor, and that tensor is what a fast path reads (i
 
 from __future__ import annotations
 
+import pytest
 import torch
 from model_fixtures import random_tiny_model
 from torch import nn
 
 from kimi_k2.model.decode import prepare_decode_layout
-from kimi_k2.ops.layout import fuse_columns, fused_view, stack_parameters, stacked_view
+from kimi_k2.ops.layout import fuse_columns, fused_view, pack_rows, packed_view
 
 
 def _linears(*outs: int, dim: int = 12) -> list[nn.Linear]:
@@ -33,14 +34,21 @@ def test_fuse_columns_keeps_values_and_shares_memory() -> None:
     assert fused_view([nn.Linear(12, 5).weight, nn.Linear(12, 7).weight]) is None
 
 
-def test_stack_parameters_makes_row_views() -> None:
-    experts = _linears(4, 4, 4)
-    weights = [m.weight.detach().clone() for m in experts]
-    stack = stack_parameters(experts, "weight")
-    assert stack.shape == (3, 4, 12) and all(isinstance(m.weight, nn.Parameter) for m in experts)
-    assert all(torch.equal(stack[i], w) for i, w in enumerate(weights))
-    assert stacked_view([m.weight.detach() for m in experts]).data_ptr() == stack.data_ptr()
-    assert stacked_view([experts[1].weight.detach(), experts[0].weight.detach()]) is None
+def test_pack_rows_makes_row_views() -> None:
+    """Groups of modules (an expert's gate and up) packed as [G, rows, K]: each weight a view of its rows, values
+    kept; a second call returns the same tensor; groups of unequal rows are refused."""
+    experts = [_linears(4, 3) for _ in range(3)]
+    weights = [[m.weight.detach().clone() for m in e] for e in experts]
+    pack = pack_rows(experts, "weight")
+    assert pack.shape == (3, 7, 12) and all(isinstance(m.weight, nn.Parameter) for e in experts for m in e)
+    assert all(torch.equal(pack[g], torch.cat(w)) for g, w in enumerate(weights))
+    assert pack_rows(experts, "weight").data_ptr() == pack.data_ptr()
+    with torch.no_grad():
+        experts[2][1].weight.mul_(3)
+    torch.testing.assert_close(pack[2, 4:], 3 * weights[2][1])
+    assert packed_view(experts[::-1], "weight") is None
+    with pytest.raises(ValueError, match="groups of equal rows"):
+        pack_rows([_linears(4), _linears(5)], "weight")
 
 
 def test_decode_layout_leaves_the_model_unchanged() -> None:

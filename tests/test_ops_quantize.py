@@ -24,16 +24,17 @@ IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def test_int8_weights_round_trip_within_half_a_step() -> None:
-    w = torch.randn(48, 80, generator=torch.Generator().manual_seed(1))
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and int(q.abs().max()) == 64
-    assert bool(((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all())
+    """Q8_0: one fp16 scale per 32 weights of a row, |W_q| <= 127, every weight within half a step of W_q * d."""
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
+    q, d = quantize_int8(w)
+    assert q.dtype == torch.int8 and d.dtype == torch.float16 and d.shape == (48, 3) and int(q.abs().max()) == 127
+    step = d.float().repeat_interleave(32, dim=1)
+    assert bool(((q.float() * step - w).abs() <= step / 2 + 1e-7).all())
 
 
-@pytest.mark.parametrize("fmt, tol", [("int8", 0.03), ("fp16", 1e-3)])
+@pytest.mark.parametrize("fmt, tol", [("int8", 0.01), ("fp16", 1e-3)])
 def test_quantized_linear_matches_float(fmt: str, tol: float) -> None:
-    """Relative error (Frobenius) of y = x W^T + b: fp16 weights ~3e-4; int8 ~1.1% (per-channel weights, per-row
-    activations)."""
+    """Relative error (Frobenius) of y = x W^T + b: fp16 weights ~3e-4; int8 (Q8_0 weights and activations) ~0.5%."""
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(256, 96)
     with torch.no_grad():
@@ -61,11 +62,11 @@ def test_quantize_linears_replaces_all_but_kept() -> None:
 @pytest.mark.parametrize("fmt, max_ppl_change, min_agree", [("fp16", 1e-3, 0.99), ("int8", 0.02, 0.9)])
 def test_nano_model_perplexity_against_fp32(fmt: str, max_ppl_change: float, min_agree: float) -> None:
     """The stated cost of each format on the shipped nano model over a fixed text (1024 tokens of the eval chat
-    tasks): perplexity change and greedy-argmax agreement with fp32 (measured: fp16 +0.04% / 99.6%, int8 +0.23% /
-    96.4%)."""
+    tasks): perplexity change and greedy-argmax agreement with fp32 (measured: fp16 +0.04% / 99.6%, int8 -0.11% /
+    96.3%; every projection quantized, kv_b_proj and attention included)."""
     reference_model = K2ForCausalLM.from_pretrained(NANO, dtype=torch.float32)
     model = load_quantized(NANO, fmt)
-    assert not any(isinstance(m, nn.Linear) and not n.endswith("kv_b_proj") for n, m in model.named_modules())
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
     ids = torch.tensor([Tokenizer.from_pretrained(NANO).encode(NANO_TEXT.read_text())[:1024]])
     with torch.no_grad():
         reference, logits = reference_model(ids)[0], model(ids)[0]
@@ -75,12 +76,13 @@ def test_nano_model_perplexity_against_fp32(fmt: str, max_ppl_change: float, min
 
 
 def test_int8_rows_do_not_depend_on_the_batch() -> None:
-    """Activations are quantized per row: a token's logits are the same alone and in a batch with others."""
+    """Activations are quantized per row (32-blocks): a token's logits are the same alone and in a batch with others
+    (up to fp32 rounding: a batch of 6+ rows per weight multiplies the same quantized values in fp32)."""
     model = quantize_model(random_tiny_model(), "int8")
     with torch.no_grad():
-        alone = model(IDS[:1])
-        batched = model(torch.cat([IDS[:1], IDS[1:] * 3 % 512]))[:1]
-    assert torch.equal(alone, batched)
+        alone = model(IDS[:1, :1])
+        batched = model(torch.cat([IDS[:1], IDS[1:] * 3 % 512]))[:1, :1]
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
 
 
 def test_fp8_checkpoint_quantized_at_load_equals_in_memory(tmp_path) -> None:
@@ -90,12 +92,12 @@ def test_fp8_checkpoint_quantized_at_load_equals_in_memory(tmp_path) -> None:
     loaded = load_quantized(tmp_path, "int8")
     in_memory = quantize_model(K2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), "int8")
     assert loaded.model.layers[0].mlp.gate_proj.fmt == "int8" and loaded.lm_head.fmt == "int8"
-    assert loaded.model.layers[0].self_attn.kv_a_proj_with_mqa.fmt == "fp16"  # int8 mode keeps attention in fp16
+    assert loaded.model.layers[0].self_attn.kv_b_proj.fmt == "int8"  # every projection, as a Q8_0 GGUF
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS), in_memory(IDS), rtol=0, atol=1e-5)
     config = EngineConfig(num_pages=32, max_model_len=64, compile_decode=True)
     engine = LLMEngine(loaded, config=config)
-    assert engine.runner.decoder is None  # int8 decodes eagerly
+    assert engine.runner.decoder is not None  # the compiled decode serves int8 weights
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompts = [IDS[0, :5].tolist(), IDS[1, :9].tolist()]
     together = [r[0].token_ids for r in engine.generate(prompts, params)]

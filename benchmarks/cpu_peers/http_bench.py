@@ -29,8 +29,9 @@ REPO = HERE.parents[1]
 
 # `kimi-k2 serve` variants (extra CLI flags); a new precision mode is one entry
 KIMI_SERVE_MODES: list[dict[str, Any]] = [
-    {"name": "kimi-k2 serve fp32", "flags": ["--dtype", "float32"]},
-    {"name": "kimi-k2 serve fp32 --compile", "flags": ["--dtype", "float32", "--compile"]},
+    {"name": "kimi-k2 serve fp32", "flags": ["--dtype", "float32"]},  # the default: compiled decode
+    {"name": "kimi-k2 serve int8", "flags": ["--dtype", "float32", "--quantization", "int8"]},
+    {"name": "kimi-k2 serve fp32 --no-compile", "flags": ["--dtype", "float32", "--no-compile"]},
 ]
 MAX_MODEL_LEN = 1024
 STARTUP_TIMEOUT_S = 1800  # vLLM-CPU took 2-4 minutes to start on the idle 2-core box, 14 minutes at load 14

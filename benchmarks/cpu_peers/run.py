@@ -43,11 +43,15 @@ NANO = REPO / "models" / "k2-nano-instruct"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
 
 # Our engine's precision modes: keyword arguments for worker.KimiWorker (dtype, then load_model's / EngineConfig's
-# own names). A new mode (e.g. {"dtype": "float32", "quantization": "int8"}) is one more entry here.
+# own names). `kimi-k2 serve/generate` without flags is the first: fp32 with the compiled decode.
 KIMI_MODES: list[dict[str, Any]] = [
-    {"name": "kimi-k2 fp32", "precision": "fp32", "mode": {"dtype": "float32"}},
+    {"name": "kimi-k2 fp32", "precision": "fp32", "mode": {"dtype": "float32", "compile_decode": True}},
+    {"name": "kimi-k2 fp16", "precision": "16-bit",
+     "mode": {"dtype": "float32", "quantization": "fp16", "compile_decode": True}},
+    {"name": "kimi-k2 int8", "precision": "int8",
+     "mode": {"dtype": "float32", "quantization": "int8", "compile_decode": True}},
+    {"name": "kimi-k2 fp32 eager", "precision": "fp32", "mode": {"dtype": "float32"}},
     {"name": "kimi-k2 bf16", "precision": "16-bit", "mode": {"dtype": "bfloat16"}},
-    {"name": "kimi-k2 fp32 --compile", "precision": "fp32", "mode": {"dtype": "float32", "compile_decode": True}},
 ]
 # llama.cpp: F32 with the parity settings (F32 KV cache, flash attention off); F16 / Q8_0 with its defaults
 # (F16 KV cache, flash attention auto), as a llama.cpp user runs them.

@@ -26,7 +26,7 @@ from typing import Any
 
 class KimiWorker:
     """Our LLMEngine; `mode` = keyword arguments: dtype, and any of load_model's / EngineConfig's (`compile_decode`,
-    a future `quantization`, ...), split by name, so a new precision mode is one entry in run.py's KIMI_MODES."""
+    `quantization`, ...), split by name, so a new precision mode is one entry in run.py's KIMI_MODES."""
 
     def __init__(self, model: str, threads: int, mode: dict[str, Any], max_seqs: int, max_len: int) -> None:
         import inspect

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="projections as int8 or fp16 weights, made at load; everything else fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="single-stream decode through one torch.compile'd graph (default: on where it applies, "
-                             "float32 weights; otherwise eager, logged)")
+                             "float32, int8 or fp16 weights; otherwise eager, logged)")
 
 
 def _prompts(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[list[int]]:
@@ -100,8 +100,8 @@ def generate(args: argparse.Namespace, engine: LLMEngine) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
-        raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
+    if args.compile and (args.dtype != "float32" or args.ep is not None):
+        raise UsageError("--compile needs --dtype float32 and no --ep")
     if args.quantization and args.ep is not None:
         raise UsageError("--quantization is not supported with --ep")
     if args.tp_attention and args.ep is None:

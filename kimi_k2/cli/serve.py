@@ -123,11 +123,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
     # speed: low-precision weights and the compiled single-stream decode
     p.add_argument("--quantization", choices=["int8", "fp16"], default=None,
-                   help="projections as int8 (per-channel, int8 matmuls) or fp16 weights, made from the checkpoint "
+                   help="projections as int8 (Q8_0 blocks, int8 matmuls) or fp16 weights, made from the checkpoint "
                         "(fp8/bf16/fp32) at load, one tensor at a time; everything else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
-                        "where it applies, float32 weights; otherwise eager, logged)")
+                        "where it applies: float32, int8 or fp16 weights; otherwise eager, logged)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
     from kimi_k2.server.limits import ServerLimits as L
@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
         args.log_level = args.uvicorn_log_level
     for note in vllm_notes(args):
         log.warning(note)
-    if args.compile and (args.dtype != "float32" or args.ep is not None or args.quantization):
-        raise UsageError("--compile needs --dtype float32, no --quantization and no --ep")
+    if args.compile and (args.dtype != "float32" or args.ep is not None):
+        raise UsageError("--compile needs --dtype float32 and no --ep")
     if args.quantization and args.ep is not None:
         raise UsageError("--quantization is not supported with --ep")
     if args.api_key == "":

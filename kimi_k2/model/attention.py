@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import K2Config
+from ..ops.quantize import float_weight
 from .cache import LatentCache
 from .functional import absorb, latent_attention
 from .layers import Linear, RMSNorm
@@ -98,7 +99,7 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_all: torch.Tensor, kpe_all: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Absorbed attention over the cache: c_all [B, T, C], kpe_all [B, T, rope], mask [B, S, T] -> [B, S, H, v]."""
-        w_uk, w_uv_t = absorb(self.kv_b_proj.weight, self.n_heads, self.qk_nope_head_dim)
+        w_uk, w_uv_t = absorb(float_weight(self.kv_b_proj), self.n_heads, self.qk_nope_head_dim)
         out, scores = latent_attention(q_nope, q_pe, c_all, kpe_all, mask, w_uk, w_uv_t, self.softmax_scale)
         if self.track_max_logits:
             self.max_logits = scores.detach().amax(dim=(0, 1, 3))

@@ -1,54 +1,73 @@
-"""Single-stream decode as one pure function of the weights, for `torch.compile` (inference only, fp32).
+"""Decode as one pure function of the weights, for ahead-of-time compilation (inference only; fp32, fp16 or int8).
 
-`DecodeStep` runs one token of one sequence through the whole model with the functions the modules use
-(`functional.py`, `rope.py`): x = embed(token); per layer the absorbed MLA over the sequence's cached latents (read
-from the engine's page pool through its page ids, keys past its length masked) plus this token's own, then the dense
-MLP or the MoE; the final norm; lm_head. No shape depends on data (the k routed experts are read by index from the
-stacked [E, ...] expert weights, see `kimi_k2.ops.layout`), and every size is fixed except the number of pages and
-the pool's size, so torch.compile makes one graph for all context lengths.
+`DecodeStep` runs one token of each of B sequences through the whole model with the functions the modules use
+(`functional.py`, `rope.py`, `kimi_k2.ops.quantize.linear`): x = embed(token); per layer the absorbed MLA over each
+sequence's cached latents (read from the engine's page pool through its page ids, keys past its length masked) plus
+its own, then the dense MLP or the MoE (the B * k (token, expert) pairs sorted by expert, each expert one product over
+its rows, read by id from the packed [E, ...] stacks); the final norm; lm_head. No shape depends on data: the batch,
+the number of pages and the pool's size are the only dynamic sizes, so one compiled graph serves every batch and
+context length.
+
+Weights (`decode_weights`) are views of the model's own tensors after `prepare_decode_layout`: fp32 projections that
+read the same input fused and transposed for the BLAS, quantized ones fused by rows, the routed experts packed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..config import K2Config
-from ..ops.layout import fuse_columns, fused_view, stack_parameters, stacked_view
-from ..ops.quantize import QuantizedLinear
-from .functional import absorb, latent_attention, rms_norm, route, swiglu
+from ..ops import kernels
+from ..ops.kernels import dequantize_blocks
+from ..ops.layout import fuse_columns, fused_view, pack_rows
+from ..ops.quantize import QuantizedLinear, linear
+from .functional import absorb, expert_mlp, latent_attention, rms_norm, route, routed_mixture, swiglu
+from .grouped_experts import GroupedExperts, expert_stacks, groupable
 from .layers import MLP
 from .moe import MoE
 from .rope import apply_rotary_emb
 
-DecodeWeights = dict[str, Any]  # {"embed", "norm", "lm_head", "inv_freq", "layers": [per-layer dict of tensors]}
+
+class Packed(NamedTuple):
+    """A quantized projection as the kernels read it: weight [N, K] (int8 / fp16) and int8 scales [N, K/32] or None."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None
 
 
-def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w [..., out, in] @ x [..., in] -> [..., out] as a reduction inductor fuses with the gather of w's rows."""
-    return (w * x.unsqueeze(-2)).sum(-1)
+Projection = torch.Tensor | Packed  # fp32: W^T [K, N] (BLAS); int8 / fp16: Packed row-major
+DecodeWeights = dict[str, Any]  # {"embed", "norm", "lm_head", "inv_freq", "layers": [per-layer dict]}
 
 
-def _linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ W^T [in, out] (+ bias): the weights come transposed (`fuse_columns`), as the BLAS streams them."""
-    y = x @ wt
+def _linear(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] -> [B, N] for a projection in either layout."""
+    y = x @ w if isinstance(w, torch.Tensor) else linear(x, w.weight, w.scales)
     return y if bias is None else y + bias
 
 
+def _float_rows(w: torch.Tensor | Packed) -> torch.Tensor:
+    """A row-major weight [N, K] in fp32 (kv_b_proj, which the latent attention absorbs)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    return w.weight.float() if w.scales is None else dequantize_blocks(w.weight, w.scales)
+
+
 class DecodeStep:
-    """step(weights, token, position, pages, kv) for one model config and page size (Python constants).
+    """step(weights, tokens, positions, pages, kv) for one model config and page size (Python constants).
 
     kv [L, num_pages * page_size, kv_lora_rank + qk_rope_head_dim] is the engine's latent page pool: row
-    page * page_size + offset holds one token's [c_kv | k_pe]. token [1] int64; position: 0-d int64, the number of
-    tokens of the sequence already in kv, held by the pages [P] int64 in order (P * page_size > position; keys at
-    positions >= position are masked). Returns fp32 logits [1, vocab] and this token's latents [L, C + R], for the
-    caller to store at the token's slot; kv is not written.
+    page * page_size + offset holds one token's [c_kv | k_pe]. tokens [B] int64; positions [B] int64: the number of
+    tokens of each sequence already in kv, held by its pages [B, P] int64 in order (P * page_size > position; keys at
+    positions >= position are masked, so pages past a sequence's end may be anything). Returns fp32 logits [B, vocab]
+    and the tokens' latents [L, B, C + R], for the caller to store at their slots; kv is not written.
     """
 
     def __init__(self, config: K2Config, attention_factor: float, page_size: int) -> None:
         c = config
+        kernels.load()  # now, not inside a torch.compile trace
         self.page_size = page_size
         self.eps, self.scale, self.attention_factor = c.rms_norm_eps, c.softmax_scale, attention_factor
         self.n_heads, self.nope, self.rope = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
@@ -57,109 +76,117 @@ class DecodeStep:
         self.sigmoid, self.group_by_top2 = c.scoring_func == "sigmoid", c.topk_method == "noaux_tc"
         self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
 
-    def __call__(self, w: DecodeWeights, token: torch.Tensor, position: torch.Tensor, pages: torch.Tensor,
+    def __call__(self, w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor,
                  kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = w["embed"][token][None]  # [1, 1, D]: batch and sequence of one
-        freqs = position.float() * w["inv_freq"]  # [rope/2]
-        cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-        cos, sin = cos.view(1, 1, -1), sin.view(1, 1, -1)
+        x = w["embed"][tokens].float()  # [B, D]
+        freqs = positions.float()[:, None] * w["inv_freq"]  # [B, rope/2]
+        cos = (freqs.cos() * self.attention_factor)[:, None]  # [B, 1, rope/2]: one query position per sequence
+        sin = (freqs.sin() * self.attention_factor)[:, None]
         offsets = torch.arange(self.page_size, device=pages.device)
-        slots = (pages[:, None] * self.page_size + offsets).flatten()  # [T = P * page_size]
+        slots = (pages[:, :, None] * self.page_size + offsets).flatten(1)  # [B, T = P * page_size]
         # keys: the T cached slots (those at positions >= position not written yet) and this token's own
-        t = torch.arange(slots.shape[0] + 1, device=pages.device)
-        mask = torch.zeros(t.shape).masked_fill((t >= position) & (t < slots.shape[0]), float("-inf")).view(1, 1, -1)
+        t = torch.arange(slots.shape[1] + 1, device=pages.device)
+        hidden = (t >= positions[:, None]) & (t < slots.shape[1])  # [B, T + 1]
+        mask = torch.zeros(hidden.shape, device=pages.device).masked_fill(hidden, float("-inf"))[:, None]
         latents = []
         for i, lw in enumerate(w["layers"]):
             out, latent = self._mla(lw, rms_norm(x, lw["input_norm"], self.eps), cos, sin, kv[i][slots], mask)
             x = x + out
             h = rms_norm(x, lw["post_norm"], self.eps)
-            x = x + (self._moe(lw, h[0]) if "router" in lw else self._mlp(lw["mlp"], h))
+            x = x + (self._moe(lw, h) if "router" in lw else self._mlp(lw["mlp"], h))
             latents.append(latent)
-        return _linear(rms_norm(x, w["norm"], self.eps)[0], w["lm_head"]), torch.cat(latents)
+        return _linear(rms_norm(x, w["norm"], self.eps), w["lm_head"]), torch.stack(latents)
 
     def _mla(self, w: dict[str, Any], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: torch.Tensor,
              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`MLA` latent path. x [1, 1, D], cached [T, C + R], mask [1, 1, T + 1] -> out [1, 1, D], latent [1, C + R]."""
-        H, C = self.n_heads, self.kv_lora_rank
-        q, kv = _linear(x, w["x_proj"], w.get("x_proj_bias")).split_with_sizes([w["x_proj"].shape[1] - C - self.rope,
-                                                                                C + self.rope], dim=-1)
+        """`MLA` latent path. x [B, D], cached [B, T, C + R], mask [B, 1, T + 1] -> out [B, D], latent [B, C + R]."""
+        B, H, C = x.shape[0], self.n_heads, self.kv_lora_rank
+        qkv = _linear(x, w["x_proj"], w.get("x_proj_bias"))
+        q, kv = qkv.split_with_sizes([qkv.shape[1] - C - self.rope, C + self.rope], dim=-1)
         if self.q_lora:
             q = _linear(rms_norm(q, w["q_a_norm"], self.eps), w["q_b"])
-        q_nope, q_pe = q.view(1, 1, H, -1).split_with_sizes([self.nope, self.rope], dim=-1)
+        q_nope, q_pe = q.view(B, 1, H, -1).split_with_sizes([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary_emb(q_pe, cos, sin)
-        c_kv, k_pe = kv.split_with_sizes([C, self.rope], dim=-1)
-        c_kv, k_pe = rms_norm(c_kv, w["kv_a_norm"], self.eps), apply_rotary_emb(k_pe, cos, sin)  # [1, 1, C], [1, 1, R]
-        latent = torch.cat([c_kv, k_pe], dim=-1)[0]  # [1, C + R]
-        keys = torch.cat([cached, latent])[None]  # [1, T + 1, C + R]
-        w_uk, w_uv_t = absorb(w["kv_b"], H, self.nope)
+        c_kv, k_pe = kv.view(B, 1, -1).split_with_sizes([C, self.rope], dim=-1)
+        c_kv, k_pe = rms_norm(c_kv, w["kv_a_norm"], self.eps), apply_rotary_emb(k_pe, cos, sin)  # [B, 1, C], [B, 1, R]
+        latent = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, C + R]
+        keys = torch.cat([cached, latent], dim=1)  # [B, T + 1, C + R]
+        w_uk, w_uv_t = absorb(_float_rows(w["kv_b"]), H, self.nope)
         out, _ = latent_attention(q_nope, q_pe, keys[..., :C], keys[..., C:], mask, w_uk, w_uv_t, self.scale)
-        return _linear(out.flatten(2), w["o"], w.get("o_bias")), latent
+        return _linear(out.reshape(B, -1), w["o"], w.get("o_bias")), latent[:, 0]
 
     @staticmethod
-    def _mlp(w: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """`MLP`: ([gate | up]^T, down^T), x [..., D] -> [..., D]."""
+    def _mlp(w: tuple[Projection, Projection], x: torch.Tensor) -> torch.Tensor:
+        """`MLP`: (gate | up, down), x [B, D] -> [B, D]."""
         gate_up, down = w
         return _linear(swiglu(*_linear(x, gate_up).chunk(2, dim=-1)), down)
 
     def _moe(self, w: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        """`MoE` for one token: x [1, D] -> [1, 1, D]."""
+        """`MoE` for B tokens: x [B, D] -> [B, D]."""
         weights, ids, _ = route(_linear(x, w["router"]), w["router_bias"], self.top_k, self.n_group, self.topk_group,
                                 self.group_by_top2, self.sigmoid, self.norm_topk_prob, self.routed_scaling_factor)
-        ids = ids[0]  # [k]
-        gate, up, down = (s[ids] for s in w["experts"])  # [k, I, D], [k, I, D], [k, D, I]: reductions over rows
-        routed = _mv(down, swiglu(_mv(gate, x), _mv(up, x)))  # [k, D]
-        return (weights @ routed + self._mlp(w["shared"], x))[None]
+        gate_up, down = w["experts"]
+        routed = routed_mixture(x, weights, ids, lambda rows, sids: expert_mlp(rows, sids, gate_up, down))
+        return routed + self._mlp(w["shared"], x)
 
 
 def check_decode_model(model: nn.Module) -> None:
-    """Raise ValueError if `DecodeStep` cannot serve `model` (it supports plain fp32 K2ForCausalLM models)."""
-    dtype = model.lm_head.weight.dtype if isinstance(model.lm_head, nn.Linear) else None
-    if dtype != torch.float32:
-        raise ValueError(f"compiled decode supports float32 models only, this one is "
-                         f"{dtype or getattr(model.lm_head, 'fmt', type(model.lm_head).__name__)}")
+    """Raise ValueError if `DecodeStep` cannot serve `model`: fp32 K2ForCausalLM models, their projections fp32 or
+    quantized (`kimi_k2.ops.quantize`), plain MLP / MoE layers."""
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            raise ValueError(f"compiled decode supports float32 weights only; {name} is {m.fmt}")
+        if isinstance(m, nn.Linear) and m.weight.dtype != torch.float32:
+            raise ValueError(f"compiled decode supports float32 or quantized (--quantization) weights; {name} is "
+                             f"{m.weight.dtype}")
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        raise ValueError(f"compiled decode supports float32 models only, this one is "
+                         f"{model.model.embed_tokens.weight.dtype}")
     for i, layer in enumerate(model.model.layers):
-        if not isinstance(layer.mlp, (MoE, MLP)) or isinstance(layer.mlp, MoE) and not all(
-                isinstance(e, MLP) for e in layer.mlp.experts):
-            raise ValueError(f"compiled decode needs plain MLP / MoE layers; layer {i} is {type(layer.mlp).__name__}")
+        mlp = layer.mlp
+        if not isinstance(mlp, (MoE, MLP)) or isinstance(mlp, MoE) and not (
+                all(isinstance(e, MLP) for e in mlp.experts) and groupable(mlp.experts)):
+            raise ValueError(f"compiled decode needs plain MLP / MoE layers; layer {i} is {type(mlp).__name__}")
 
 
-def _expert_stacks(moe: MoE) -> tuple[torch.Tensor, ...]:
-    """[E, I, D] gate, [E, I, D] up, [E, D, I] down: views when the experts are stacked (`ops.layout`), else copies."""
-    out = []
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        ws = [getattr(e, proj).weight.detach() for e in moe.experts]
-        view = stacked_view(ws)
-        out.append(view if view is not None else torch.stack(ws))
-    return tuple(out)
-
-
-def transposed(linears: list[nn.Module]) -> torch.Tensor:
-    """[in, sum(out)] W^T of the linears side by side: the tensor `fuse_columns` made (a view), else a copy."""
+def _projection(linears: list[nn.Module]) -> Projection:
+    """The fused weight of linears reading one input: fp32 W^T [K, sum N] (`fuse_columns`), or quantized rows
+    [sum N, K] (`pack_rows`). Views after `prepare_decode_layout`; else made here (a copy)."""
+    if isinstance(linears[0], QuantizedLinear):
+        scales = pack_rows([linears], "scales")[0] if linears[0].scales is not None else None
+        return Packed(pack_rows([linears], "weight")[0], scales)
     weights = [m.weight.detach() for m in linears]
     fused = fused_view(weights)
     return fused if fused is not None else torch.cat([w.t() for w in weights], dim=1)
 
 
+def _rows(m: nn.Module) -> torch.Tensor | Packed:
+    """A projection's own weight, row-major [N, K]: fp32, or Packed."""
+    return Packed(m.weight, m.scales) if isinstance(m, QuantizedLinear) else m.weight.detach()
+
+
+def _fuse(linears: list[nn.Module]) -> None:
+    if isinstance(linears[0], QuantizedLinear):
+        _projection(linears)
+    else:
+        fuse_columns(linears)
+
+
 def prepare_decode_layout(model: nn.Module) -> None:
     """Lay the model's weights out as `DecodeStep` reads them, in place and without copies (`kimi_k2.ops.layout`):
-    fused transposed projections, stacked routed experts. Values, names and state_dict are unchanged."""
+    fused projections, packed routed experts (`GroupedExperts`). Values, names and state_dict are unchanged."""
     with torch.no_grad():
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            fuse_columns([attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa])
+            _fuse([attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa])
             for m in [attn.o_proj] + ([] if attn.q_lora_rank is None else [attn.q_b_proj]):
-                fuse_columns([m])
+                _fuse([m])
             for m in [mlp.shared_experts] if isinstance(mlp, MoE) else [mlp]:
-                fuse_columns([m.gate_proj, m.up_proj])
-                fuse_columns([m.down_proj])
+                _fuse([m.gate_proj, m.up_proj])
+                _fuse([m.down_proj])
             if isinstance(mlp, MoE):
                 fuse_columns([mlp.gate])
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    stack_parameters([getattr(e, proj) for e in mlp.experts], "weight")
-        fuse_columns([model.lm_head])
+                if not isinstance(mlp.experts, GroupedExperts):
+                    mlp.experts = GroupedExperts(mlp.experts)
+        _fuse([model.lm_head])
 
 
 def decode_weights(model: nn.Module) -> DecodeWeights:
@@ -170,25 +197,26 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
         first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
         w: dict[str, Any] = {
             "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-            "x_proj": transposed([first, attn.kv_a_proj_with_mqa]), "kv_a_norm": attn.kv_a_layernorm.weight,
-            "kv_b": attn.kv_b_proj.weight, "o": transposed([attn.o_proj])}
+            "x_proj": _projection([first, attn.kv_a_proj_with_mqa]), "kv_a_norm": attn.kv_a_layernorm.weight,
+            "kv_b": _rows(attn.kv_b_proj), "o": _projection([attn.o_proj])}
         if attn.q_lora_rank is not None:
-            w.update(q_a_norm=attn.q_a_layernorm.weight, q_b=transposed([attn.q_b_proj]))
+            w.update(q_a_norm=attn.q_a_layernorm.weight, q_b=_projection([attn.q_b_proj]))
         if first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None:
-            w["x_proj_bias"] = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                          for m in (first, attn.kv_a_proj_with_mqa)])
+            w["x_proj_bias"] = torch.cat([m.bias.detach().float() if m.bias is not None else
+                                          torch.zeros(m.out_features) for m in (first, attn.kv_a_proj_with_mqa)])
         if attn.o_proj.bias is not None:
             w["o_bias"] = attn.o_proj.bias
         if isinstance(mlp, MoE):
-            w.update(router=transposed([mlp.gate]), router_bias=mlp.gate.e_score_correction_bias,
-                     shared=_mlp_weights(mlp.shared_experts), experts=_expert_stacks(mlp))
+            stacks = mlp.experts.stacks() if isinstance(mlp.experts, GroupedExperts) else expert_stacks(mlp.experts)
+            w.update(router=_projection([mlp.gate]), router_bias=mlp.gate.e_score_correction_bias,
+                     shared=_mlp_weights(mlp.shared_experts), experts=stacks)
         else:
             w["mlp"] = _mlp_weights(mlp)
         layers.append(w)
     m = model.model
-    return {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": transposed([model.lm_head]),
+    return {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": _projection([model.lm_head]),
             "inv_freq": m.rotary.inv_freq, "layers": layers}
 
 
-def _mlp_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
-    return transposed([mlp.gate_proj, mlp.up_proj]), transposed([mlp.down_proj])
+def _mlp_weights(mlp: MLP) -> tuple[Projection, Projection]:
+    return _projection([mlp.gate_proj, mlp.up_proj]), _projection([mlp.down_proj])

@@ -4,13 +4,19 @@ compiled single-stream decode (decode.py) both call these. Rotary embedding live
     rms_norm:          y = w * x / sqrt(mean(x^2) + eps)                        (fp32 inside, as HF DeepseekV3)
     swiglu:            silu(gate) * up
     route:             DeepSeek-V3 aux-loss-free router (`Gate`), see moe.py
+    routed_mixture:    sum_k w_k expert_{id_k}(x), each expert run once over the rows routed to it, see moe.py
+    expert_mlp:        SwiGLU experts read by id from [E, 2I, D] gate|up and [E, D, I] down stacks
     latent_attention:  absorbed MLA over a latent cache, see attention.py
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from ..ops.quantize import linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,6 +56,28 @@ def route(
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, indices, scores
+
+
+def routed_mixture(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x [N, D], router weights / expert ids [N, k] -> sum_k weights[:, k] * expert_{ids[:, k]}(x) [N, D] (fp32).
+
+    The (token, slot) pairs are sorted by expert (stable), so experts(rows [N*k, D], their expert ids [N*k], sorted)
+    runs each expert once on all of its rows; its outputs go back to (token, slot) order by a permutation.
+    """
+    N, k = ids.shape
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    out = experts(x[order // k], flat[order])
+    routed = torch.empty_like(out).index_copy_(0, order, out)
+    return torch.bmm(weights.unsqueeze(1), routed.view(N, k, -1).float()).squeeze(1)
+
+
+def expert_mlp(x: torch.Tensor, ids: torch.Tensor, gate_up: tuple[torch.Tensor, torch.Tensor | None],
+               down: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """SwiGLU experts by id: x [P, D] (row i for expert ids[i]); gate_up = (W [E, 2I, D], scales or None),
+    down = (W [E, D, I], scales or None), weights in any `kimi_k2.ops.quantize.linear` format -> [P, D] fp32."""
+    return linear(swiglu(*linear(x, *gate_up, ids).chunk(2, dim=-1)), *down, ids)
 
 
 def absorb(kv_b_weight: torch.Tensor, n_heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,53 +1,62 @@
-"""`moe.Experts` for inference: the routed SwiGLU experts as three grouped GEMMs (`torch._grouped_mm`, one call per
-projection for all experts) instead of three matmuls per active expert. The engine swaps it in at load.
-
-Same expert modules and state_dict names (it is the same ModuleList); their weights become views of [E, ...] stacks
-(`kimi_k2.ops.layout.stack_parameters`), which the grouped GEMM reads directly, with no copy.
+"""`moe.Experts` for inference: the routed SwiGLU experts packed as two stacks, gate | up [E, 2I, D] and down
+[E, D, I] (each expert's weights become views of its rows: same modules and state_dict, no copy), run by
+`functional.expert_mlp`: each expert's rows are one product on the `kimi_k2.ops.kernels` CPU kernels, in float, fp16 or
+int8 alike. The engine swaps it in at load; the compiled decode reads the same stacks.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
-from ..ops.layout import stack_parameters, stacked_view
-from .functional import swiglu
+from ..ops.layout import pack_rows
+from ..ops.quantize import QuantizedLinear
+from .functional import expert_mlp
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+Stack = tuple[torch.Tensor, torch.Tensor | None]  # weights [E, N, K] and int8 scales [E, N, K/32] (or None)
 
 
 def groupable(experts: nn.ModuleList) -> bool:
-    """Every expert a SwiGLU MLP of plain float nn.Linear projections without bias, all of one dtype."""
+    """Every expert a SwiGLU MLP of bias-free projections: float nn.Linears of one dtype, or QuantizedLinears of one
+    format."""
     linears = [getattr(e, p, None) for e in experts for p in PROJECTIONS]
-    return all(isinstance(m, nn.Linear) and m.bias is None and m.weight.is_floating_point() for m in linears) and len(
-        {m.weight.dtype for m in linears}) == 1
+    if all(isinstance(m, nn.Linear) and m.bias is None and m.weight.is_floating_point() for m in linears):
+        return len({m.weight.dtype for m in linears}) == 1
+    return all(isinstance(m, QuantizedLinear) and m.bias is None for m in linears) and len(
+        {m.fmt for m in linears}) == 1
+
+
+def expert_stacks(experts: nn.ModuleList) -> tuple[Stack, Stack]:
+    """(gate | up, down) stacks of the experts, packing them (in place, no copy once packed) if they are not yet."""
+    out = []
+    with torch.no_grad():
+        for groups in ([[e.gate_proj, e.up_proj] for e in experts], [[e.down_proj] for e in experts]):
+            scales = pack_rows(groups, "scales") if getattr(groups[0][0], "scales", None) is not None else None
+            out.append((pack_rows(groups, "weight"), scales))
+    return out[0], out[1]
 
 
 class GroupedExperts(nn.ModuleList):
     def __init__(self, experts: nn.ModuleList) -> None:
         if not groupable(experts):
-            raise ValueError("grouped experts need SwiGLU experts of bias-free float nn.Linear projections")
+            raise ValueError("packed experts need SwiGLU experts of bias-free projections of one dtype / format")
         super().__init__(experts)
-        with torch.no_grad():
-            for proj in PROJECTIONS:
-                stack_parameters([getattr(e, proj) for e in self], "weight")
+        self._linears = [getattr(e, p) for e in self for p in PROJECTIONS]
+        self._stacks, self._weights = expert_stacks(self), self._current()
 
-    def _stacks(self) -> list[torch.Tensor]:
-        """[E, I, D] gate, [E, I, D] up, [E, D, I] down; restacked if a weight was replaced since."""
-        stacks = []
-        for proj in PROJECTIONS:
-            view = stacked_view([getattr(e, proj).weight.detach() for e in self])
-            if view is None:
-                with torch.no_grad():
-                    view = stack_parameters([getattr(e, proj) for e in self], "weight")
-            stacks.append(view)
-        return stacks
+    def _current(self) -> list[torch.Tensor]:
+        return [m.weight for m in self._linears]
+
+    def stacks(self) -> tuple[Stack, Stack]:
+        """The packed stacks; packed again if an expert's weight was replaced since (in-place updates need not)."""
+        if not all(map(operator.is_, self._current(), self._weights)):
+            self._stacks, self._weights = expert_stacks(self), self._current()
+        return self._stacks
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of x [P, D] grouped by expert in expert order, counts [E] rows per expert -> expert outputs [P, D]."""
-        gate, up, down = self._stacks()
-        offs = counts.cumsum(0).to(torch.int32)
-        x = x.to(gate.dtype)
-        h = swiglu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offs),
-                   torch._grouped_mm(x, up.transpose(1, 2), offs=offs))
-        return torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
+        ids = torch.repeat_interleave(torch.arange(len(self), device=x.device), counts)
+        return expert_mlp(x.float(), ids, *self.stacks()).to(x.dtype)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import K2Config
-from .functional import route
+from .functional import route, routed_mixture
 from .layers import MLP
 
 
@@ -87,19 +87,10 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(flat)
         ids = indices.flatten()  # [N*k]
         self.last_expert_load = torch.bincount(ids, minlength=self.n_experts).detach()
-        y = self._grouped(flat, weights, ids).view(B, S, D)
+        y = routed_mixture(flat, weights, indices, lambda rows, _: self.experts(rows, self.last_expert_load))
         self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
             if self.training and self.aux_loss_alpha > 0 else None
-        return y.to(x.dtype) + self.shared_experts(x)
-
-    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Group the (token, slot) pairs by expert and run each active expert once over all its tokens -> [N, D]."""
-        D = flat.shape[1]
-        order = ids.argsort(stable=True)
-        out = self.experts(flat[order // self.top_k], self.last_expert_load)  # expert outputs in expert order
-        routed = torch.empty_like(out)
-        routed[order] = out  # back to (token, slot) order: a permutation, so no scatter-add is needed
-        return torch.bmm(weights.unsqueeze(1), routed.view(-1, self.top_k, D).float()).squeeze(1)  # sum_k w_k e_k(x)
+        return y.view(B, S, D).to(x.dtype) + self.shared_experts(x)
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return balance_loss(scores, indices, self.n_experts, self.top_k, self.aux_loss_alpha)

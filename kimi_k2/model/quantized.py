@@ -1,20 +1,15 @@
 """A K2 model whose projections hold int8 or fp16 weights (`kimi_k2.ops.quantize`), made from a float model or read
 from a checkpoint one tensor at a time, so a block-FP8 or bf16 checkpoint is never expanded whole to fp32.
 
-Quantized: every nn.Linear (attention and MLP projections, routed and shared experts, lm_head) except kv_b_proj,
-whose W_UK / W_UV the latent attention absorbs as dense fp32 matrices. Kept in fp32: embeddings, norms, the router
-(fp32 in DeepSeek-V3 too) and kv_b_proj. With int8 the attention projections are fp16: int8's ~1% error per product
-in q / k moves which keys win the softmax, and over 8 layers of a random-weight 100M model that decorrelated the
-logits entirely (greedy agreement 0 with int8 attention, 1.0 with fp16 attention); they are a small share of the
-weights of an MoE model.
+Quantized: every projection (attention, kv_b_proj included, dense and shared MLPs, routed experts, lm_head), as
+llama.cpp's Q8_0 / F16 files do. Kept in fp32: embeddings (a row lookup), norms and the router (fp32 in DeepSeek-V3
+too).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -23,27 +18,17 @@ from ..config import K2Config
 from ..ops.quantize import FORMATS, quantize_linears
 from .transformer import K2ForCausalLM
 
-_KEPT = re.compile(r"(^|\.)kv_b_proj$")
 
-
-def kept_in_float(name: str) -> bool:
-    return _KEPT.search(name) is not None
-
-
-def _formats(fmt: str) -> list[tuple[str, Callable[[str], bool]]]:
-    """(format, which linears to keep out of it) in the order to apply them."""
+def _check(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization {fmt!r}; choose one of {FORMATS}")
-    if fmt == "int8":
-        return [("fp16", lambda n: ".self_attn." not in n or kept_in_float(n)), ("int8", kept_in_float)]
-    return [(fmt, kept_in_float)]
 
 
 def quantize_model(model: K2ForCausalLM, fmt: str) -> K2ForCausalLM:
     """Swap the model's projections for `fmt` linears in place (the float weights are freed as they go)."""
+    _check(fmt)
     with torch.no_grad():
-        for f, keep in _formats(fmt):
-            quantize_linears(model, f, keep=keep)
+        quantize_linears(model, fmt)
     return model.float().eval()
 
 
@@ -53,7 +38,7 @@ def load_quantized(path: str | os.PathLike[str], fmt: str) -> K2ForCausalLM:
     Each projection is read (block-FP8 dequantized) as fp32, quantized and dropped before the next is read: the peak
     is the quantized model plus one fp32 weight.
     """
-    formats = _formats(fmt)
+    _check(fmt)
     config = K2Config.from_pretrained(path)
     with torch.device("meta"):
         model = K2ForCausalLM(config)
@@ -64,7 +49,7 @@ def load_quantized(path: str | os.PathLike[str], fmt: str) -> K2ForCausalLM:
         return reader.get(name + ".weight", torch.float32), bias
 
     with torch.no_grad():
-        done = [n for f, keep in formats for n in quantize_linears(model, f, keep=keep, source=source)]
+        done = quantize_linears(model, fmt, source=source)
     with warnings.catch_warnings():  # the quantized projections' tensors are in the checkpoint, not in the model
         warnings.filterwarnings("ignore", message=r"checkpoint .* has \d+ tensors the model does not")
         load_into(model, path, dtype=torch.float32, strict=False)

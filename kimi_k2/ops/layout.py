@@ -1,47 +1,68 @@
-"""Inference layouts of weights without a second copy: one tensor owns the memory and every module's Parameter
-becomes a view of its part, so the modules, state_dict and in-place updates all see the same bytes.
+"""Inference layouts of weights without a second copy: one tensor owns the memory and every module's weight becomes a
+view of its part, so the modules, state_dict and in-place updates all see the same bytes.
 
-stack_parameters: same-shaped weights (the routed experts) as one [n, ...] stack, indexed by expert id.
-fuse_columns:     linears reading the same input (q_a | kv_a, gate | up) as one transposed [in, sum(out)] matrix: one
-                  BLAS product for all, and W^T contiguous streams the weight ~2x faster than a row-major W when x has
-                  few rows (decode) on CPU.
+pack_rows:     the weights of groups of modules as one [groups, rows, ...] tensor: each group's weights concatenated
+               along their rows (gate | up of an expert: one product for both), groups stacked (the routed experts,
+               read by expert id). Works on Parameters and buffers alike (float, fp16, int8 weights and their scales).
+fuse_columns:  fp32 linears reading the same input (q_a | kv_a, gate | up) as one transposed [in, sum(out)] matrix:
+               one BLAS product for all, and W^T contiguous streams the weight ~2x faster than a row-major W when x
+               has few rows (decode) on CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 
-def stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """[n, *shape] view over `tensors` if they are equally spaced, contiguous slices of one storage, else None."""
-    first = tensors[0]
-    if not first.is_contiguous() or any(t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous()
-                                        or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                                        for t in tensors):
-        return None
-    step = first.numel()
-    if any(t.storage_offset() != first.storage_offset() + i * step for i, t in enumerate(tensors)):
-        return None
-    return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+def packed_view(groups: list[list[nn.Module]], name: str) -> torch.Tensor | None:
+    """The [G, R, ...] tensor `pack_rows(groups, name)` made, if every module's `name` is still its view, else None."""
+    first = getattr(groups[0][0], name)
+    trailing, inner = tuple(first.shape[1:]), math.prod(first.shape[1:])
+    rows = sum(getattr(m, name).shape[0] for m in groups[0])
+    ptr, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    for g, modules in enumerate(groups):
+        offset = start + g * rows * inner
+        for m in modules:
+            t = getattr(m, name)
+            if (t.dtype != first.dtype or tuple(t.shape[1:]) != trailing or not t.is_contiguous()
+                    or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset):
+                return None
+            offset += t.shape[0] * inner
+        if offset != start + (g + 1) * rows * inner:
+            return None
+    shape = (len(groups), rows, *trailing)
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride(), start)
 
 
-def stack_parameters(owners: list[nn.Module], name: str) -> torch.Tensor:
-    """Stack `owner.<name>` of every owner into one [n, ...] tensor and make each a view of its row -> the stack.
+def pack_rows(groups: list[list[nn.Module]], name: str) -> torch.Tensor:
+    """Pack `name` (a Parameter or buffer [N_i, ...]) of each module: [G, sum_i N_i, ...], group g's modules' rows
+    one after another; each module's tensor becomes a view of its rows. Already packed: returned as is.
 
-    Already stacked (views of one tensor, in order): returned as is. Memory: the stack is allocated, then each
-    original is copied in and released, so the peak is one stack plus what the originals held.
+    Memory: the pack is allocated, then each original is copied in and released: the peak is the pack plus what the
+    originals held.
     """
-    params = [getattr(m, name) for m in owners]
-    view = stacked_view([p.detach() for p in params])
+    view = packed_view(groups, name)
     if view is not None:
         return view
-    stack = torch.empty((len(params), *params[0].shape), dtype=params[0].dtype, device=params[0].device)
-    for i, (m, p) in enumerate(zip(owners, params, strict=True)):
-        stack[i].copy_(p.detach())
-        setattr(m, name, nn.Parameter(stack[i], requires_grad=p.requires_grad) if isinstance(p, nn.Parameter)
-                else stack[i])
-    return stack
+    first = getattr(groups[0][0], name)
+    rows = {sum(getattr(m, name).shape[0] for m in modules) for modules in groups}
+    if len(rows) != 1:
+        raise ValueError(f"pack_rows needs groups of equal rows, got {sorted(rows)}")
+    rows = rows.pop()
+    pack = torch.empty((len(groups), rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    for g, modules in enumerate(groups):
+        offset = 0
+        for m in modules:
+            t = getattr(m, name)
+            part = pack[g, offset : offset + t.shape[0]]
+            part.copy_(t.detach())
+            setattr(m, name, nn.Parameter(part, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+                    else part)
+            offset += t.shape[0]
+    return pack
 
 
 def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:

@@ -1,88 +1,117 @@
-"""Low-precision linears for CPU inference on PyTorch's FBGEMM kernels (the `quantized::` ops; x86 AVX2/AVX-512).
+"""Low-precision linear weights for CPU inference, on the kernels of `kimi_k2.ops.kernels`.
 
-    int8:  W8A8 dynamic (`quantized::linear_dynamic`). W is quantized once, symmetric per output channel:
-           W_q = round(W / s), s = amax|W_row| / 64, so |W_q| <= 64: AVX2's vpmaddubsw sums two u8 * s8 products in
-           int16, and 2 * 255 * 64 < 2^15 never saturates with full 8-bit activations (the alternative, 7-bit
-           activations, measured worse on the nano model). Each call quantizes x per row (token): rows are divided by
-           their amax|x|, FBGEMM quantizes the batch over the fixed range [-1, 1] (a pinning row holds -1 and 1),
-           multiplies in int8 with int32 accumulation, and the rows are scaled back. Per-row scales make a token's
-           result independent of the batch it is in.
-    fp16:  W stored as fp16, x and the accumulation stay fp32 (`quantized::linear_dynamic_fp16`).
+    int8:  llama.cpp's Q8_0: each row of W in blocks of 32 weights with one fp16 scale, d = amax / 127,
+           W_q = round(W / d) in [-127, 127] (8.5 bits per weight); activations are quantized the same way at each
+           call (int8 blocks with an fp32 scale), so every block's dot product is an exact int32 sum.
+    fp16:  W stored as IEEE half; activations and accumulation stay fp32.
 
-Why these kernels (measured on the 2-core AVX2 box, 1 thread, [1, 1024] x [1024, 4096]): FBGEMM int8 ran ~3.5x
-faster than the fp32 BLAS matvec, at ~1.1% relative error per product; `aten._weight_int8pack_mm` (weight-only int8,
-as gpt-fast and torchao's CPU path use) and bf16/fp16 `F.linear` were 2-5x *slower* than fp32 here (no AVX-512/AMX),
-and torch.compile's fused dequantize-reduction ran several times slower than the BLAS. Caveat: PyTorch has deprecated
-creating qint8 tensors (pytorch#184982), which FBGEMM's packing still takes; when it goes, the packing moves to
-torchao or a kernel of our own.
+A QuantizedLinear keeps its weight ([N, K] int8 or fp16) and int8 scales ([N, K/32] fp16) as non-persistent buffers:
+a quantized model is made from a float checkpoint (`kimi_k2.model.quantized`), never saved. Engine layouts
+(`kimi_k2.ops.layout`) make these buffers views of fused or stacked tensors, as they do with float weights.
+`linear` is the one entry point for a weight in any of the formats (fp32 / fp16 / int8, optionally stacked experts
+read by id), used by the modules and by the compiled decode alike.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+from .kernels import QK, dequantize_blocks
+
 FORMATS = ("int8", "fp16")
-WEIGHT_QMAX = 64  # |W_q| bound that keeps AVX2's int16 pair sums from saturating (see above)
+MULTIPLE = {"int8": QK, "fp16": 8}  # in_features must be a multiple of this
+
+log = logging.getLogger(__name__)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] float -> (W_q [N, K] int8 in [-64, 64], s [N] fp32) with W ~= W_q * s[:, None] (per output channel)."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / WEIGHT_QMAX
-    return (w / scale[:, None]).round_().clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8), scale
+    """W [..., K] float -> (W_q int8 [..., K], d fp16 [..., K/32]) with W ~= W_q * d per block of 32 (Q8_0).
+
+    d is rounded to fp16 first and W_q computed with the rounded scale, so |W - W_q d| <= d / 2 for every weight.
+    """
+    blocks = weight.detach().float().unflatten(-1, (-1, QK))
+    d = (blocks.abs().amax(-1) / 127).half()
+    df = d.float()[..., None]
+    q = torch.where(df > 0, blocks / df, torch.zeros_like(blocks)).round_().clamp_(-127, 127)
+    return q.to(torch.int8).flatten(-2), d
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+           ids: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T for x [M, K] and W [N, K] stored as fp32, fp16 or int8 (+ scales) -> fp32 [M, N].
+
+    ids [M]: W is a stack [E, N, K] and row i uses W[ids[i]] (x has M rows, or one row all of them read).
+    """
+    if weight.dtype == torch.int8:
+        return kernels.linear_q8(x, weight, scales, ids)
+    if weight.dtype == torch.float16:
+        return kernels.linear_f16(x, weight, ids)
+    if ids is None:
+        return F.linear(x, weight.float())
+    return kernels.linear_f32(x, weight.float(), ids)
+
+
+def float_weight(m: nn.Module) -> torch.Tensor:
+    """The fp32 (or model-dtype) weight [N, K] of an nn.Linear, or a QuantizedLinear's weight dequantized."""
+    if isinstance(m, QuantizedLinear):
+        return m.dequantized()
+    return m.weight
 
 
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W held in an FBGEMM packed int8 or fp16 layout; x and y are fp32 (any leading dims).
+    """y = x W^T + b with W held as int8 blocks (+ fp16 scales) or fp16; x and y are fp32 (any leading dims)."""
 
-    The packed weight is not a tensor of this module's state_dict: a quantized model is built from a float checkpoint
-    (`from_float`), never saved.
-    """
+    weight: torch.Tensor
+    scales: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, fmt: str, packed: torch.ScriptObject,
-                 bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         super().__init__()
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
-        self.in_features, self.out_features, self.fmt, self.packed = in_features, out_features, fmt, packed
-        self.bias = bias  # int8: added after the per-row rescale (fp16: packed with the weight)
-        self.pin = torch.zeros(1, in_features)  # int8: the row that fixes the activation range to [-1, 1]
-        self.pin[0, 0], self.pin[0, -1] = -1.0, 1.0
+        self.out_features, self.in_features = weight.shape
+        self.fmt = "int8" if weight.dtype == torch.int8 else "fp16"
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> QuantizedLinear:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
         if weight.ndim != 2 or not weight.is_floating_point():
             raise ValueError(f"a linear weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
+        if weight.shape[1] % MULTIPLE[fmt]:
+            raise ValueError(f"{fmt} weights need in_features divisible by {MULTIPLE[fmt]}, got {weight.shape[1]}")
         b = None if bias is None else bias.detach().float().contiguous()
         if fmt == "int8":
-            q, scale = quantize_int8(weight)
-            with warnings.catch_warnings():  # FBGEMM's packing still takes a qint8 tensor, whose creation warns
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale,
-                                                                                                  dtype=torch.long), 0)
-            return cls(weight.shape[1], weight.shape[0], fmt, torch.ops.quantized.linear_prepack(qw, None), b)
-        if fmt == "fp16":
-            packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), b)
-            return cls(weight.shape[1], weight.shape[0], fmt, packed)
-        raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
+            return cls(*quantize_int8(weight), b)
+        return cls(weight.detach().to(torch.float16).contiguous(), None, b)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
+        """Device moves apply; dtype casts (`model.float()`, `.half()`) leave the stored format alone."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                if device != t.device:
+                    self._buffers[name] = t.to(device)
+        return self
 
     @property
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features * (1 if self.fmt == "int8" else 2)
+        return self.weight.numel() * self.weight.element_size() + (
+            0 if self.scales is None else self.scales.numel() * self.scales.element_size())
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() if self.scales is None else dequantize_blocks(self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        if self.fmt == "int8":
-            amax = flat.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)  # [M, 1]
-            y = torch.ops.quantized.linear_dynamic(torch.cat([flat / amax, self.pin]), self.packed, False)[:-1] * amax
-            if self.bias is not None:
-                y += self.bias
-        else:
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        y = linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -94,16 +123,24 @@ def quantize_linears(model: nn.Module, fmt: str, keep: Callable[[str], bool] = l
     """Replace every nn.Linear of `model` whose name `keep` rejects by a QuantizedLinear -> the names replaced.
 
     source(name) gives the float (weight, bias) to quantize (default: the linear's own), so a meta-device model can
-    be quantized from a checkpoint one tensor at a time; each original is dropped as soon as it is replaced.
+    be quantized from a checkpoint one tensor at a time; each original is dropped as soon as it is replaced. A linear
+    whose in_features the format cannot take (int8: multiples of 32, fp16: of 8) stays float, with a warning.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
-    done = []
+    done, kept = [], []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and not keep(name):
-                weight, bias = (child.weight, child.bias) if source is None else source(name)
-                setattr(parent, child_name, QuantizedLinear.from_float(weight, bias, fmt))
-                done.append(name)
+            if not isinstance(child, nn.Linear) or keep(name):
+                continue
+            if child.in_features % MULTIPLE[fmt]:
+                kept.append(name)
+                continue
+            weight, bias = (child.weight, child.bias) if source is None else source(name)
+            setattr(parent, child_name, QuantizedLinear.from_float(weight, bias, fmt))
+            done.append(name)
+    if kept:
+        log.warning("%d linears stay float: %s needs in_features divisible by %d (%s)", len(kept), fmt,
+                    MULTIPLE[fmt], ", ".join(kept[:5]))
     return done
