@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
-from kimi_k2.cli.options import CommandError, UsageError, add_dtype, add_model, model_config, model_dir, positive_int
+from kimi_k2.cli.options import (
+    CommandError,
+    UsageError,
+    add_device,
+    add_dtype,
+    add_model,
+    device,
+    model_config,
+    model_dir,
+    positive_int,
+)
 from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.loader import load_model
@@ -42,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logprobs", type=int, metavar="K",
                         help="with --json: each new token's logprob and the top K (0..20) alternatives")
     add_dtype(parser, "float32")
+    add_device(parser)
     parser.add_argument("--max-model-len", type=positive_int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
     parser.add_argument("--ep", type=positive_int, metavar="N",
@@ -108,8 +119,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tp-attention splits attention over the --ep ranks: pass --ep N too")
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs are printed with --json only")
-    dtype = getattr(torch, args.dtype)
-    compile_decode = args.compile is not False and args.ep is None  # on by default; eager (logged) where it can't
+    dtype, where = getattr(torch, args.dtype), device(args)
+    if args.quantization and where.type != "cpu":
+        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
+    if args.compile and where.type != "cpu":
+        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
+    # on by default on the CPU; eager (logged) where it can't
+    compile_decode = args.compile is not False and args.ep is None and where.type == "cpu"
     config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode)
     if args.ep is not None:
         from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
@@ -120,5 +136,5 @@ def run(args: argparse.Namespace) -> int:
         return run_expert_parallel(d, config, dtype, lambda engine: generate(args, engine), args.tp_attention)
     model_config(args.model)  # a missing model: say what to pass
     tokenizer = Tokenizer.from_pretrained(args.model) if (Path(args.model) / "tiktoken.model").is_file() else None
-    model = load_model(args.model, dtype, quantization=args.quantization)
+    model = load_model(args.model, dtype, quantization=args.quantization, device=where)
     return generate(args, LLMEngine(model, tokenizer, config))

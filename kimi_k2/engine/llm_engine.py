@@ -66,9 +66,10 @@ class LLMEngine:
         self.model = model.eval()
         self.model_config = model.config
         self.tokenizer = tokenizer
-        dtype = self.config.dtype or next(model.parameters()).dtype
+        weight = next(model.parameters())
+        dtype, self.device = self.config.dtype or weight.dtype, weight.device  # the engine runs where the model is
         self.max_model_len, num_pages = self.config.resolve(self.model_config, dtype)
-        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype)
+        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype, self.device)
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool, self.config.compile_decode)
@@ -82,14 +83,16 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str], config: EngineConfig | None = None,
-                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None) -> LLMEngine:
-        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory.
+                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None,
+                        device: torch.device | str = "cpu") -> LLMEngine:
+        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory, on `device`
+        (the engine's cache, inputs and sampling follow the model).
 
-        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32).
+        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32; CPU).
         """
         from kimi_k2.engine.loader import load_model
 
-        model = load_model(str(model_dir), dtype, quantization=quantization)
+        model = load_model(str(model_dir), dtype, quantization=quantization, device=device)
         tokenizer = None
         if (Path(model_dir) / "tiktoken.model").is_file():
             from kimi_k2.tokenizer import Tokenizer
@@ -121,8 +124,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seqs = [Sequence(request_id, 0, prompt_ids, params)]
-        seqs += [Sequence(request_id, i, prompt_ids, params, first=seqs[0]) for i in range(1, params.n)]
+        seqs = [Sequence(request_id, 0, prompt_ids, params, device=self.device)]
+        seqs += [Sequence(request_id, i, prompt_ids, params, first=seqs[0], device=self.device)
+                 for i in range(1, params.n)]
         streams = [TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = Request(request_id, prompt_ids, params, seqs, streams)
         for seq in seqs:

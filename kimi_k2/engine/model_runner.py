@@ -56,7 +56,7 @@ class ModelRunner:
         """Compute `n` more tokens of each (seq, n) -> (sequences to sample, fp32 logits [len, vocab])."""
         groups = [g for g in ([(s, n) for s, n in batch if n == 1], [(s, n) for s, n in batch if n > 1]) if g]
         if not groups:
-            return [], torch.empty(0)
+            return [], torch.empty(0, device=self.pool.device)
         rows = [[Row(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
                      seq.block_table, seq.num_computed_tokens + n == len(seq)) for seq, n in g] for g in groups]
         seqs = [seq for g in groups for seq, n in g if seq.num_computed_tokens + n == len(seq)]
@@ -71,9 +71,9 @@ class ModelRunner:
         if self.decoder is not None and len(rows) == 1 and len(rows[0].input_ids) == 1 and rows[0].last:
             return self.decoder(rows[0])
         cache = PagedLatentCache(self.pool, rows)
-        S = cache.positions.shape[1]
-        input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows])  # [B, S]
+        S, dev = cache.positions.shape[1], self.pool.device
+        input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows], device=dev)  # [B, S]
         hidden = self.model.model(input_ids, cache.positions, cache)  # [B, S, D]
         last = [b for b, r in enumerate(rows) if r.last]
-        ends = torch.tensor([len(rows[b].input_ids) - 1 for b in last], dtype=torch.long)
-        return self.model.lm_head(hidden[torch.tensor(last, dtype=torch.long), ends]).float()  # [M, vocab]
+        ends = torch.tensor([len(rows[b].input_ids) - 1 for b in last], dtype=torch.long, device=dev)
+        return self.model.lm_head(hidden[torch.tensor(last, dtype=torch.long, device=dev), ends]).float()  # [M, V]
