@@ -1,4 +1,5 @@
-"""A rank's part of a checkpoint: its routed experts (and, with head-parallel attention, its heads), nothing else.
+"""A rank's part of a checkpoint: its routed experts (and, with head-parallel attention, its heads), or with tensor
+parallelism its 1/W of every split matrix, nothing else.
 
 The model is built on the meta device, sharded (`shard_experts`, `shard_attention`), then materialized by the one
 checkpoint loader, `kimi_k2.checkpoint.load_into`, which reads only the tensors and slices the rank holds (through the
@@ -16,7 +17,7 @@ from kimi_k2.checkpoint import CheckpointReader, load_into
 from kimi_k2.config import K2Config
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.parallel.expert import shard_experts
-from kimi_k2.parallel.tensor import shard_attention
+from kimi_k2.parallel.tensor import shard_attention, shard_tensor_parallel
 
 
 def load_expert_parallel(
@@ -34,5 +35,24 @@ def load_expert_parallel(
         model = K2ForCausalLM(config)
         shard_experts(model, rank, world, group, same_input=True)
         slices = shard_attention(model, rank, world, group) if tp_attention else {}
+    names = load_into(model, reader, dtype, device, strict=False, parts=slices)
+    return model.eval(), names
+
+
+def load_tensor_parallel(
+    directory: str | os.PathLike[str], rank: int, world: int, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", group: dist.ProcessGroup | None = None, expert_parallel: bool = False,
+) -> tuple[K2ForCausalLM, list[str]]:
+    """Rank `rank`'s tensor-parallel part of the checkpoint in `directory` (`shard_tensor_parallel`: heads, MLP
+    columns/rows, vocabulary rows; routed experts split the same way, or whole per rank with expert_parallel), read
+    straight onto `device` -> (model, names of the tensors it read). Every rank runs the same forwards on the same
+    tokens (`DistributedRunner`) and gets the full logits."""
+    reader = CheckpointReader(directory)
+    config = K2Config.from_pretrained(directory)
+    with torch.device("meta"):
+        model = K2ForCausalLM(config)
+        if expert_parallel:
+            shard_experts(model, rank, world, group, same_input=True)
+        slices = shard_tensor_parallel(model, rank, world, group, expert_parallel)
     names = load_into(model, reader, dtype, device, strict=False, parts=slices)
     return model.eval(), names
