@@ -69,7 +69,8 @@ class LLMEngine:
         weight = next(model.parameters())
         dtype, self.device = self.config.dtype or weight.dtype, weight.device  # the engine runs where the model is
         self.max_model_len, num_pages = self.config.resolve(self.model_config, dtype)
-        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype, self.device)
+        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype, self.device,
+                               self.config.attention_backend)
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool, self.config.compile_decode)

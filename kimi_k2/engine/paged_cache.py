@@ -2,6 +2,10 @@
 
 Per layer one tensor [num_pages * page_size, kv_lora_rank + qk_rope_head_dim]: row `page * page_size + offset`
 (a slot) holds token `i`'s [c_kv | k_pe] where page = block_table[i // page_size] and offset = i % page_size.
+
+Attention over the pool (`LatentPool.attention`): "torch" gathers each sequence's slots and runs the model's absorbed
+attention (`read`); "triton" (the default on CUDA) lets decode steps (one token per row) run the paged Triton kernel
+`kimi_k2.ops.triton.mla_decode` straight over the pages (`attend`), prefill chunks still go through `read`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,33 @@ class Row:
     last: bool  # input_ids end at the sequence's last token: its logits are wanted
 
 
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+def default_attention(device: torch.device) -> str:
+    """"triton" on CUDA when triton is installed, else "torch"."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
 class LatentPool:
     def __init__(self, config: K2Config, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", attention: str | None = None):
+        """attention: one of ATTENTION_BACKENDS (None: `default_attention` of the device). "triton" on the CPU needs
+        TRITON_INTERPRET=1 set before the kernel module is first imported (tests)."""
+        self.attention = attention or default_attention(torch.device(device))
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        self.decode_kernel = None
+        if self.attention == "triton":
+            from kimi_k2.ops.triton.mla_decode import mla_decode
+
+            self.decode_kernel = mla_decode
         self.kv_lora_rank = config.kv_lora_rank
         self.page_size = page_size
         self.num_pages = num_pages
@@ -65,8 +93,23 @@ class PagedLatentCache:
         write_slots = self.key_slots.gather(1, self.positions)  # [B, S]
         self.all_valid = all(n == S for n in lens_list)
         self.write_slots = write_slots.flatten() if self.all_valid else write_slots[self.valid]
-        visible = torch.arange(T, device=dev)[None, None] <= self.positions[:, :, None]  # [B, S, T], causal
-        self.mask = torch.zeros(visible.shape, dtype=pool.kv.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+        self.T, self.mask = T, None
+        if pool.decode_kernel is not None and S == 1:  # a decode step: the kernel reads the pages, no mask needed
+            self.block_tables, self.context_lens = tables, starts + 1
+            self.attend = self._attend_pages
+        else:
+            self.mask = self._causal_mask()
+
+    def _causal_mask(self) -> torch.Tensor:
+        """Additive [B, S, T]: 0 where key t <= the query's position, -inf elsewhere."""
+        visible = torch.arange(self.T, device=self.pool.device)[None, None] <= self.positions[:, :, None]
+        return torch.zeros(visible.shape, dtype=self.pool.kv.dtype, device=self.pool.device).masked_fill_(
+            ~visible, float("-inf"))
+
+    def _attend_pages(self, layer_idx: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
+        """q_lat [B, H, C], q_pe [B, H, rope] (one query per row) -> o_lat [B, H, C] over each row's pages."""
+        return self.pool.decode_kernel(q_lat, q_pe, self.pool.kv[layer_idx], self.block_tables, self.context_lens,
+                                       self.pool.page_size, scale, check=False)
 
     def write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         x = torch.cat([c_kv, k_pe], dim=-1).to(self.pool.kv.dtype)  # [B, S, R + Dr]
@@ -76,4 +119,6 @@ class PagedLatentCache:
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.pool.kv[layer_idx].index_select(0, self.read_slots).view(self.read_shape)  # [B, T, R + Dr]
         r = self.pool.kv_lora_rank
+        if self.mask is None:
+            self.mask = self._causal_mask()
         return x[..., :r], x[..., r:], self.mask
