@@ -34,6 +34,9 @@ class EngineConfig:
     compile_decode: bool = False
     # attention over the latent pages in decode steps: "torch" or "triton" (`paged_cache`); None: triton on CUDA
     attention_backend: str | None = None
+    # decode steps replayed as CUDA graphs per batch-size bucket (`cuda_graphs`); None: on CUDA with the triton
+    # backend. True on the CPU runs the same padded static-buffer step eagerly (what tests check without a GPU).
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -46,6 +49,8 @@ class EngineConfig:
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"EngineConfig.attention_backend must be None, 'torch' or 'triton', got "
                              f"{self.attention_backend!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"EngineConfig.cuda_graphs must be None or a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.compile_decode, bool):
             raise ValueError(f"EngineConfig.compile_decode must be a bool, got {self.compile_decode!r}")
         if self.memory_budget_bytes < 1:

@@ -16,7 +16,7 @@ from kimi_k2.engine.block_manager import BlockManager
 from kimi_k2.engine.detokenize import TextStream
 from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.model_runner import ModelRunner
-from kimi_k2.engine.paged_cache import LatentPool
+from kimi_k2.engine.paged_cache import LatentPool, default_attention
 from kimi_k2.engine.params import CompletionDelta, SamplingParams, TokenLogprob
 from kimi_k2.engine.sampler import sample
 from kimi_k2.engine.scheduler import Scheduler
@@ -69,11 +69,18 @@ class LLMEngine:
         weight = next(model.parameters())
         dtype, self.device = self.config.dtype or weight.dtype, weight.device  # the engine runs where the model is
         self.max_model_len, num_pages = self.config.resolve(self.model_config, dtype)
-        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype, self.device,
-                               self.config.attention_backend)
+        graphs = self.config.cuda_graphs
+        if graphs is None:
+            graphs = self.device.type == "cuda" and (self.config.attention_backend or default_attention(self.device)
+                                                     ) == "triton"
+        # with graphs, one more page: the scratch page padding rows write to, never given to a sequence
+        self.pool = LatentPool(self.model_config, num_pages + graphs, self.config.page_size, dtype, self.device,
+                               self.config.attention_backend or ("triton" if graphs else None))
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool, self.config.compile_decode)
+        if graphs:
+            self.runner.use_decode_graphs(self.config.max_num_seqs, self.max_model_len, scratch_page=num_pages)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "stop_token_ids", []))
         self.requests: dict[str, Request] = {}
         self.pending: list[CompletionDelta] = []  # abort notices, sent by the next step()
