@@ -42,7 +42,7 @@ def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) 
                 logits[i].masked_fill_(~allowed[:vocab].to(logits.device, non_blocking=True), float("-inf"))
         if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
             ids = torch.tensor(seq.completion_ids, device=logits.device)
-            counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits)
+            counts = logits.new_zeros(vocab).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return errors
 

@@ -77,3 +77,14 @@ def load_fp8_weights(model: nn.Module, reader: CheckpointReader, device: torch.d
             m.weight, m.weight_scale_inv = w.to(device), s.to(device)
             names.append(f"{name}.weight")
     return names
+
+
+def quantize_to_fp8_resident(model: nn.Module, path: str | None = None) -> list[str]:
+    """Replace every `fp8_candidates` projection of a float model by FP8Linear holding its weight quantized to
+    block-FP8 (as `kimi-k2 convert --fp8` would store it), on the same device -> the names replaced."""
+    names = fp8_candidates(model)
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, FP8Linear.from_linear(getattr(owner, attr), path))
+    return names
