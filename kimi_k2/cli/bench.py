@@ -11,7 +11,16 @@ import time
 
 import torch
 
-from kimi_k2.cli.options import UsageError, add_device, add_dtype, add_model, device, model_config, positive_int
+from kimi_k2.cli.options import (
+    UsageError,
+    add_device,
+    add_dtype,
+    add_enforce_eager,
+    add_model,
+    device,
+    model_config,
+    positive_int,
+)
 from kimi_k2.config import PRESETS
 from kimi_k2.engine.bench import measure
 from kimi_k2.engine.engine_config import EngineConfig
@@ -32,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=positive_int, default=16)
     parser.add_argument("--json", action="store_true", help="one JSON object per batch size instead of a table")
     add_device(parser)
+    add_enforce_eager(parser)
     # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
     parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
                         help="projections as int8 or fp16 weights; everything else fp32")
@@ -56,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     pages = -(-max_len // args.page_size) * batch
     config = EngineConfig(page_size=args.page_size, num_pages=pages, max_model_len=max_len, max_num_seqs=batch,
                           max_num_batched_tokens=max(2048, args.input_len), enable_prefix_caching=False,
-                          compile_decode=args.compile and where.type == "cpu")
+                          compile_decode=args.compile and where.type == "cpu",
+                          cuda_graphs=False if args.enforce_eager else None)
     start = time.perf_counter()
     engine = LLMEngine(model, config=config)  # compiles the decode step when it applies
     if engine.runner.decoder is not None:

@@ -20,6 +20,7 @@ from kimi_k2.cli.options import (
     UsageError,
     add_device,
     add_dtype,
+    add_enforce_eager,
     add_model,
     device,
     model_config,
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --json: each new token's logprob and the top K (0..20) alternatives")
     add_dtype(parser, "float32")
     add_device(parser)
+    add_enforce_eager(parser)
     parser.add_argument("--max-model-len", type=positive_int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
     parser.add_argument("--ep", type=positive_int, metavar="N",
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
     # on by default on the CPU; eager (logged) where it can't
     compile_decode = args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
-    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode)
+    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode,
+                          cuda_graphs=False if args.enforce_eager else None)
     if tp > 1:
         from kimi_k2.deploy.serve_ep import launch_error, run_tensor_parallel
 

@@ -56,6 +56,11 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)")
 
 
+def add_enforce_eager(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: decode eagerly instead of replaying CUDA graphs per batch size (as vLLM's flag)")
+
+
 def device(args: argparse.Namespace):
     """args.device resolved (`resolve_device`); a device this process cannot use is a UsageError."""
     from kimi_k2.engine.device import resolve_device

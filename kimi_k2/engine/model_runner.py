@@ -6,7 +6,7 @@ when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
 With a `CompiledDecoder` (`EngineConfig.compile_decode`, the CPU), a group of one decode row runs through it instead;
 with `DecodeGraphs` (`EngineConfig.cuda_graphs`, CUDA) a group of decode rows replays the graph of its batch bucket.
-A model either cannot serve, or a compile or capture that fails, falls back to the eager model with a logged warning.
+A model they cannot serve, or a compile or capture that fails, falls back to the eager model with a logged warning.
 Every tensor a step makes is made on the pool's device (the model's): the host sends token ids and positions, and
 gets back logits.
 The runner prepares the model for inference in place: routed experts of float weights run as grouped GEMMs
