@@ -103,3 +103,27 @@ def test_tensor_parallel_without_torchrun_says_how_to_launch(checkpoint, monkeyp
         monkeypatch.delenv(var, raising=False)
     assert main(["generate", str(checkpoint), "--tensor-parallel-size", "2", "--ids", "1 2", "--device", "cpu"]) == 1
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_tensor_parallel_keeps_block_aligned_fp8_parts_fp8(tmp_path):
+    from kimi_k2.checkpoint.fp8 import dequantize_block_fp8
+    from kimi_k2.ops.triton.fp8_module import FP8Linear
+    from kimi_k2.parallel import load_tensor_parallel
+
+    torch.manual_seed(0)  # MLP widths of whole 128-blocks per rank at TP 2; 2 heads x 24 rows of q_b_proj are not
+    config = K2Config.from_preset("k2-tiny").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)
+    K2ForCausalLM.from_config(config).save_pretrained(tmp_path, fp8=True)
+    reader = CheckpointReader(tmp_path)
+    for rank in range(2):
+        model, names = load_tensor_parallel(tmp_path, rank, 2, torch.float32, fp8_resident=True)
+        mods = dict(model.named_modules())
+        attn = "model.layers.1.self_attn."
+        assert isinstance(mods[attn + "q_a_proj"], FP8Linear)  # replicated: whole
+        assert not isinstance(mods[attn + "q_b_proj"], FP8Linear)  # 48 rows per rank: dequantized
+        for name, dim, part in [("model.layers.0.mlp.gate_proj", 0, 256), ("model.layers.0.mlp.down_proj", 1, 256),
+                                ("model.layers.2.mlp.experts.5.up_proj", 0, 128)]:
+            m = mods[name]
+            assert isinstance(m, FP8Linear) and f"{name}.weight" in names
+            got = dequantize_block_fp8(m.weight, m.weight_scale_inv, (128, 128), dtype=torch.float32)
+            want = reader.get(f"{name}.weight", torch.float32).narrow(dim, rank * part, part)
+            assert torch.equal(got, want), name

@@ -77,7 +77,7 @@ def run_tensor_parallel(model_dir: str | os.PathLike[str], config: EngineConfig,
                             timeout=IDLE_TIMEOUT)
     try:
         model, _ = load_tensor_parallel(model_dir, info.rank, info.world_size, dtype, info.device,
-                                        expert_parallel=expert_parallel)
+                                        expert_parallel=expert_parallel, fp8_resident=info.device.type == "cuda")
         return _run_ranks(info.rank, model, model_dir, config, serve)
     finally:
         shutdown()

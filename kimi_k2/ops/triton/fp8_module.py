@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_k2.checkpoint import CheckpointReader
+from kimi_k2.checkpoint import CheckpointReader, Slice
 from kimi_k2.checkpoint.fp8 import FP8_DTYPE, quantize_block_fp8
 
 from .fp8_linear import fp8_linear
@@ -64,13 +64,26 @@ def to_fp8_resident(model: nn.Module, names: list[str], path: str | None = None)
         setattr(owner, attr, FP8Linear(old.in_features, old.out_features, path, old.weight.device))
 
 
-def load_fp8_weights(model: nn.Module, reader: CheckpointReader, device: torch.device | str) -> list[str]:
+def block_aligned(part: Slice, full: int) -> bool:
+    """Whether a slice of a block-FP8 weight is whole 128-blocks (so it keeps its own scales)."""
+    return part.start % GROUP == 0 and (part.stop % GROUP == 0 or part.stop == full)
+
+
+def load_fp8_weights(model: nn.Module, reader: CheckpointReader, device: torch.device | str,
+                     parts: dict[str, Slice] | None = None) -> list[str]:
     """Fill every FP8Linear of `model` (`name.weight` in the checkpoint) with its stored e4m3 weight and scales on
-    `device` -> the weight names read."""
+    `device` (only the block-aligned part `parts[name.weight]`, when given: tensor parallelism) -> the weight names
+    read."""
     names = []
     for name, m in model.named_modules():
         if isinstance(m, FP8Linear):
             w, s = reader.get_fp8(f"{name}.weight")
+            part = (parts or {}).get(f"{name}.weight")
+            if part is not None:
+                if not block_aligned(part, w.shape[part.dim]):
+                    raise ValueError(f"{name}: slice {part} of an FP8 weight is not whole {GROUP}-blocks")
+                w = w.narrow(part.dim, part.start, part.stop - part.start)
+                s = s.narrow(part.dim, part.start // GROUP, cdiv(part.stop, GROUP) - part.start // GROUP)
             if tuple(w.shape) != (m.out_features, m.in_features) or tuple(s.shape) != tuple(m.weight_scale_inv.shape):
                 raise ValueError(f"{name}: checkpoint FP8 weight {tuple(w.shape)} / scales {tuple(s.shape)} do not "
                                  f"fit the module [{m.out_features}, {m.in_features}] with 128x128 blocks")
