@@ -22,6 +22,7 @@ from kimi_k2.engine.params import SamplingParams  # noqa: E402
 from kimi_k2.model import K2ForCausalLM  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 3, 250, 7, 7], [42, 7, 311], [1] * 11]
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def test_capture_sizes_and_buckets():
@@ -57,13 +58,17 @@ def model():
     if not HAS_CUDA and not common.interpreted(mla_decode._split_kernel):
         pytest.skip("kernels were imported compiled before TRITON_INTERPRET=1 was set: run this file on its own")
     torch.manual_seed(0)
-    device = "cuda" if HAS_CUDA else "cpu"
-    return K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny"), torch.float32).to(device).eval()
+    # CUDA: bf16, what the grouped expert GEMM (torch._grouped_mm) runs there
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    return K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny"), dtype).to(DEVICE).eval()
 
 
 def generate(model, graphs):
+    # CPU: the static-buffer step (interpreted Triton decode) against the plain torch path; CUDA: replayed graphs
+    # against eager steps of the same kernels
+    backend = "torch" if graphs is False and not HAS_CUDA else None
     config = EngineConfig(num_pages=32, page_size=4, max_model_len=64, max_num_seqs=6, cuda_graphs=graphs,
-                          attention_backend="torch" if graphs is False else None)
+                          attention_backend=backend)
     engine = LLMEngine(model, config=config)
     if graphs:
         assert engine.runner.graphs is not None and engine.pool.num_pages == engine.block_manager.num_pages + 1

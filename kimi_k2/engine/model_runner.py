@@ -31,10 +31,19 @@ from kimi_k2.model.moe import Experts, MoE
 log = logging.getLogger(__name__)
 
 
+def grouped_gemm_runs(experts: nn.Module) -> bool:
+    """torch._grouped_mm runs these weights: any float dtype on the CPU; bf16 on CUDA (sm90+, PyTorch's kernel)."""
+    w = next(experts.parameters())
+    if w.device.type == "cpu":
+        return True
+    cuda = w.device.type == "cuda"
+    return cuda and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (9, 0)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
-            if type(moe.experts) is Experts and groupable(moe.experts):
+            if type(moe.experts) is Experts and groupable(moe.experts) and grouped_gemm_runs(moe.experts):
                 moe.experts = GroupedExperts(moe.experts)
         self.model = model
         self.pool = pool
