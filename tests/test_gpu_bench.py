@@ -103,4 +103,11 @@ def test_dry_run_measures_every_section_and_writes_the_results(tmp_path: Path) -
     assert hf["new_tokens"] == 6 and hf["decode_tok_s"] > 0
     assert [r["batch"] for r in res["engine_decode"]] == [1, 4]
     assert all(r["decode_tok_s"] > 0 and 0 < r["roofline_fraction"] for r in res["engine_decode"])
-    assert "## engine_decode" in proc.stdout
+    [fp8] = res["engine_decode_fp8"]
+    assert fp8["decode_tok_s"] > 0 and fp8["weights_GB"] < res["engine_decode"][0]["weights_GB"]
+    parity = {r["engine"]: r for r in res["parity"]}
+    exact = parity["kimi_k2 bf16 (fp32 activations)"]  # fp32 on the CPU: HF's greedy tokens exactly
+    assert exact["equal_prefix"] == exact["tokens"] == 16 and exact["max_logit_err"] < 1e-4
+    assert parity["kimi_k2 fp8 (fp32 activations)"]["max_logit_err"] < 0.5 * exact["logit_scale"]
+    assert res["targets"]["fp8_weight_memory_over_fp8_checkpoint (~1; kv_b_proj stays bf16)"] is not None
+    assert "## engine_decode" in proc.stdout and "## parity" in proc.stdout

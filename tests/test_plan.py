@@ -63,6 +63,24 @@ def test_cli_prints_the_arithmetic(capsys):
     assert "weights bf16" in capsys.readouterr().out
 
 
+def test_plan_prints_the_serve_command_of_its_layout(capsys):
+    assert main(["plan", "kimi-k2-instruct", "--gpus", "16xH200", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert ("torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "
+            "$HEAD_NODE:29500 -m kimi_k2.cli serve kimi-k2-instruct --tensor-parallel-size 16 --enable-expert-parallel "
+            "--max-model-len 131072") in out
+    assert main(["plan", "k2-small", "--gpus", "1xH200", "--context", "4096"]) == 0
+    assert "kimi-k2 serve k2-small --max-model-len 4096 --max-num-seqs 256 --gpu-memory-utilization 0.9" in \
+        capsys.readouterr().out
+    assert main(["plan", "k2-small", "--gpus", "2xRTX4090", "--context", "4096", "--gpu-memory-utilization", "0.5"]) \
+        == 0
+    assert "torchrun --nproc-per-node 2 -m kimi_k2.cli serve k2-small --tensor-parallel-size 2 " \
+        "--enable-expert-parallel --max-model-len 4096" in (out := capsys.readouterr().out)
+    assert "--gpu-memory-utilization 0.5" in out
+    assert main(["plan", "--gpus", "8xH200"]) == 1
+    assert "serve it with" not in capsys.readouterr().out
+
+
 def test_plan_counts_the_same_bytes_as_info():
     info = model_info(K2)
     assert sum(component_bytes(K2, fp8=True).values()) == info.fp8_bytes

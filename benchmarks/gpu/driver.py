@@ -5,7 +5,8 @@ engine's greedy decode on one random K2-shaped model; prints tables and writes o
     python benchmarks/gpu/driver.py --dry-run --out dry.json    # CPU, tiny shapes, kernels under Triton's interpreter
 
 Sections run in order and each is skipped (with the reason in the file) once the time budget is spent, so the file
-is always written. The engine rows are a hook until the engine is device-aware (see models.engine_ready).
+is always written. Engine rows run bf16 weights and the same weights as block-FP8 kept resident; `parity` compares
+their greedy tokens and logits with HF `generate()` on the same weights (and, on the GPU, fp32 GPU vs fp32 CPU).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def _plan(dry_run: bool) -> dict[str, object]:
     shapes (fused q_a + kv_a 2112 x 7168, fused expert gate+up 4096 x 7168, expert down 7168 x 2048, o_proj
     7168 x 8192); dry run: the same code at toy sizes."""
     if dry_run:
-        return {"model": "k2-tiny", "device": "cpu", "batches": [1, 4], "prompt_len": 8, "new_tokens": 6,
+        return {"model": "k2-tiny", "device": "cpu", "batches": [1, 4], "fp8_batches": [1], "prompt_len": 8,
+                "new_tokens": 6,
                 "mla": [(2, 4, 9)], "mla_widths": (32, 16), "page": 4, "gemm_shapes": [(160, 256)], "gemm_m": [2],
                 "warmup": 0, "reps": 1, "hf_batches": [1]}
-    return {"model": "k2-bench-4b", "device": "cuda", "batches": BATCHES, "prompt_len": 128, "new_tokens": 64,
+    return {"model": "k2-bench-4b", "device": "cuda", "batches": BATCHES, "fp8_batches": [1, 64],
+            "prompt_len": 128, "new_tokens": 64,
             "mla": [(1, 64, 4096), (8, 64, 4096), (64, 16, 2048), (256, 16, 1024)], "mla_widths": (512, 64),
             "page": 64, "gemm_shapes": [(2112, 7168), (4096, 7168), (7168, 2048), (7168, 8192)],
             "gemm_m": [1, 64, 256], "warmup": 5, "reps": 20, "hf_batches": [1, 8]}
@@ -75,16 +78,20 @@ def _table(rows: list[dict[str, object]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _targets(results: dict[str, object]) -> dict[str, object]:
-    """Issue 16's speed targets from what was measured; None where a section has not produced its rows."""
-    engine = results.get("engine_decode")
-    hf = results.get("hf_generate")
-    rows = {r["batch"]: r for r in engine} if isinstance(engine, list) else {}
-    hf1 = next((r for r in hf if r["batch"] == 1), None) if isinstance(hf, list) else None
+def _targets(results: dict[str, object], fp8_checkpoint_bytes: int) -> dict[str, object]:
+    """Issue 16's targets from what was measured; None where a section has not produced its rows."""
+    def by_batch(name: str) -> dict[int, dict[str, object]]:
+        rows = results.get(name)
+        return {r["batch"]: r for r in rows} if isinstance(rows, list) else {}
+
+    bf16, fp8, hf = by_batch("engine_decode"), by_batch("engine_decode_fp8"), by_batch("hf_generate")
     return {
-        "single_stream_roofline_fraction (>= 0.5)": rows[1]["roofline_fraction"] if 1 in rows else None,
+        "single_stream_roofline_fraction bf16 (>= 0.5)": bf16[1]["roofline_fraction"] if 1 in bf16 else None,
+        "single_stream_roofline_fraction fp8 (>= 0.5)": fp8[1]["roofline_fraction"] if 1 in fp8 else None,
         "64_streams_over_hf_single_stream (>= 20)":
-            rows[64]["decode_tok_s"] / hf1["decode_tok_s"] if 64 in rows and hf1 else None,
+            bf16[64]["decode_tok_s"] / hf[1]["decode_tok_s"] if 64 in bf16 and 1 in hf else None,
+        "fp8_weight_memory_over_fp8_checkpoint (~1; kv_b_proj stays bf16)":
+            fp8[1]["weights_GB"] * 1e9 / fp8_checkpoint_bytes if 1 in fp8 else None,
     }
 
 
@@ -118,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict[str, object] = {"mode": "dry-run" if args.dry_run else "gpu", "plan": plan, "env": _env(device)}
     config = models.BENCH_MODELS[plan["model"]]
+    from kimi_k2.model.info import model_info
+
+    fp8_checkpoint_bytes = model_info(config).fp8_bytes
     context = plan["prompt_len"] + plan["new_tokens"] // 2  # mean context over the decode
     state: dict[str, object] = {}
 
@@ -135,26 +145,36 @@ def main(argv: list[str] | None = None) -> int:
         return [models.hf_generate(state["hf"], device, plan["prompt_len"], plan["new_tokens"], batch=b)
                 for b in plan["hf_batches"]]
 
-    def engine_section() -> list[dict[str, object]]:
-        why = models.engine_ready(device)
-        if why is not None:
-            raise RuntimeError(f"not run: {why}")
+    def engine_rows(precision: str, batches: list[int]) -> list[dict[str, object]]:
         if "hf" not in state:
-            raise RuntimeError("not run: needs the HF model of the previous section")
+            raise RuntimeError("not run: needs the HF model of the hf_generate section")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        rows = models.engine_decode(state["hf"], config, device, dtype, plan["batches"], plan["prompt_len"],
-                                    plan["new_tokens"])
-        for row in rows:  # fraction of the HBM roofline at this batch (bf16 weights)
+        model = state[precision] = models.k2_model(state["hf"], config, device, dtype, fp8=precision == "fp8")
+        rows = models.engine_decode(model, device, batches, plan["prompt_len"], plan["new_tokens"])
+        for row in rows:  # fraction of the HBM roofline at this batch and precision
             row["roofline_fraction"] = row["decode_tok_s"] / roofline.step_bytes(config, row["batch"], context,
-                                                                                    "bf16")["tok_s"]
+                                                                                    precision)["tok_s"]
         return rows
 
-    def engine_fp8_section() -> list[dict[str, object]]:
-        raise RuntimeError("not run: HOOK (issue 16) - the model does not keep block-FP8 weights resident yet; "
-                           "run engine_decode over FP8 linear layers (kimi_k2.ops.triton.fp8_linear) once it does")
+    def parity_section() -> list[dict[str, object]]:
+        if "hf" not in state:
+            raise RuntimeError("not run: needs the HF model of the hf_generate section")
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+        engines = {f"kimi_k2 {p} ({dtype} activations)": state[p] for p in ("bf16", "fp8") if p in state}
+        rows = models.greedy_parity(state["hf"], engines, device, plan["prompt_len"], 16)
+        if device.type == "cuda":  # fp32 on the GPU against fp32 on the CPU, same weights (a smaller model)
+            small = models.random_hf_model(models.BENCH_MODELS["k2-tiny"], torch.device("cpu"), torch.float32)
+            gpu32 = models.k2_model(small, models.BENCH_MODELS["k2-tiny"], device, torch.float32)
+            cpu32 = models.k2_model(small, models.BENCH_MODELS["k2-tiny"], torch.device("cpu"), torch.float32)
+            rows += [dict(r, engine="kimi_k2 fp32 cuda vs HF fp32 cpu") for r in
+                     models.greedy_parity(small, {"gpu": gpu32}, torch.device("cpu"), 16, 16)]
+            rows += [dict(r, engine="kimi_k2 fp32 cpu vs HF fp32 cpu") for r in
+                     models.greedy_parity(small, {"cpu": cpu32}, torch.device("cpu"), 16, 16)]
+        return rows
 
     sections = {"roofline": roofline_section, "kernels": kernels_section, "hf_generate": hf_section,
-                "engine_decode": engine_section, "engine_decode_fp8": engine_fp8_section}
+                "engine_decode": lambda: engine_rows("bf16", plan["batches"]),
+                "engine_decode_fp8": lambda: engine_rows("fp8", plan["fp8_batches"]), "parity": parity_section}
     for name, fn in sections.items():
         if time.perf_counter() - t0 > args.budget_s:
             results[name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
@@ -166,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"skipped" if str(e).startswith("not run") else "error": f"{type(e).__name__}: {e}",
                              "traceback": traceback.format_exc(limit=5)}
         print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        results["targets"] = _targets(results)
+        results["targets"] = _targets(results, fp8_checkpoint_bytes)
         results["wall_s"] = time.perf_counter() - t0
         _write(args.out, results)  # after every section: a run killed later still leaves what it measured
 
@@ -175,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                         "weight_GB_s", "max_err"],
             "hf_generate": ["batch", "prompt_len", "new_tokens", "prefill_s", "decode_tok_s", "ms_per_token",
                             "peak_memory_GB"],
-            "engine_decode": ["batch", "decode_tok_s", "ms_per_token", "roofline_fraction", "peak_memory_GB"],
-            "engine_decode_fp8": [], "targets": []}  # dicts: printed as JSON
+            "engine_decode": ["batch", "decode_tok_s", "ms_per_token", "roofline_fraction", "weights_GB",
+                              "peak_memory_GB", "attention", "cuda_graphs"],
+            "engine_decode_fp8": ["batch", "decode_tok_s", "ms_per_token", "roofline_fraction", "weights_GB",
+                                  "peak_memory_GB", "attention", "cuda_graphs"],
+            "parity": ["engine", "tokens", "equal_prefix", "max_logit_err", "logit_scale"],
+            "targets": []}  # dicts: printed as JSON
     for name, c in cols.items():
         print(f"\n## {name}")
         r = results[name]

@@ -201,6 +201,13 @@ class CheckpointReader:
         (_, _, t), = self._walk({name}, dtype)
         return t
 
+    def get_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block-FP8 weight as stored: (e4m3 [N, K], fp32 scale_inv [ceil(N/bn), ceil(K/bk)]), not dequantized."""
+        if name not in self or not self.is_fp8(name):
+            raise CheckpointError(f"tensor {name} is not a block-FP8 weight of the checkpoint {self.directory}")
+        with self._open(self.weight_map[name]) as f:
+            return f.get_tensor(name).clone(), self._scale(f, self.weight_map[name], name).float().clone()
+
     def tensors(
         self, dtype: torch.dtype | None = None, names: set[str] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from kimi_k2.cli.options import CommandError, UsageError, add_model, model_dir
+from kimi_k2.cli.options import CommandError, UsageError, add_device, add_model, device, model_dir
 
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 
@@ -24,10 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--system", default=SYSTEM)
+    add_device(p)
 
 
-def start_local(model: str) -> tuple[str, object]:
-    """Serve the model directory `model` on a free loopback port -> (URL, the uvicorn server)."""
+def start_local(model: str, device: object = "cpu") -> tuple[str, object]:
+    """Serve the model directory `model` on `device` on a free loopback port -> (URL, the uvicorn server)."""
     import uvicorn
 
     from kimi_k2.engine import AsyncLLMEngine, LLMEngine
@@ -35,7 +36,7 @@ def start_local(model: str) -> tuple[str, object]:
     from kimi_k2.server.state import ServerState
 
     d = model_dir(model)
-    engine = LLMEngine.from_pretrained(d)
+    engine = LLMEngine.from_pretrained(d, device=device)
     state = ServerState(AsyncLLMEngine(engine), engine.tokenizer, [d.resolve().name], engine.model_config.vocab_size)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.url is not None and args.model is not None:
         raise UsageError("pass MODEL (served here) or --url URL (a running server), not both")
+    where = device(args)
     server = None
     url = args.url
     if url is None:
-        url, server = start_local(args.model or "models/k2-nano-instruct")
+        url, server = start_local(args.model or "models/k2-nano-instruct", where)
     client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key)
     try:
         model = client.models.list().data[0].id

@@ -1,8 +1,10 @@
 """`kimi-k2 generate MODEL`: complete prompts (text, token ids, or chat messages) with an LLMEngine.
 
-With `--ep N` under torchrun the routed experts are split over N ranks (`kimi_k2.deploy.serve_ep`, as `serve --ep`):
-    torchrun --nproc-per-node N -m kimi_k2.cli generate DIR --ep N --prompt "Hello"
-rank 0 samples and prints; every rank runs its experts of every step. CPU (gloo).
+With `--tensor-parallel-size N` under torchrun the model is split over N ranks (heads, MLP columns/rows, vocabulary;
+`--enable-expert-parallel`: whole routed experts per rank), NCCL on CUDA, gloo on the CPU:
+    torchrun --nproc-per-node N -m kimi_k2.cli generate DIR --tensor-parallel-size N --prompt "Hello"
+With `--ep N` only the routed experts are split (CPU, gloo; as `serve --ep`). Rank 0 samples and prints; every rank
+runs its part of every step (`kimi_k2.deploy.serve_ep`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ from pathlib import Path
 
 import torch
 
-from kimi_k2.cli.options import CommandError, UsageError, add_dtype, add_model, model_config, model_dir, positive_int
+from kimi_k2.cli.options import (
+    CommandError,
+    UsageError,
+    add_device,
+    add_dtype,
+    add_enforce_eager,
+    add_model,
+    device,
+    model_config,
+    model_dir,
+    positive_int,
+)
 from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.llm_engine import LLMEngine
 from kimi_k2.engine.loader import load_model
@@ -42,12 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logprobs", type=int, metavar="K",
                         help="with --json: each new token's logprob and the top K (0..20) alternatives")
     add_dtype(parser, "float32")
+    add_device(parser)
+    add_enforce_eager(parser)
     parser.add_argument("--max-model-len", type=positive_int, help="default: the model's max_position_embeddings")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of text")
     parser.add_argument("--ep", type=positive_int, metavar="N",
                         help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli "
                              "generate DIR --ep N ...` (CPU, gloo)")
     parser.add_argument("--tp-attention", action="store_true", help="with --ep: also split MLA by heads over the ranks")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                        help="split the model over N ranks (heads, MLPs, vocabulary): `torchrun --nproc-per-node N -m "
+                             "kimi_k2.cli generate DIR --tensor-parallel-size N ...` (NCCL on CUDA, gloo on CPU)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="with --tensor-parallel-size N: whole routed experts per rank instead of 1/N of each")
     # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
     parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
                         help="projections as int8 or fp16 weights, made at load; everything else fp32")
@@ -106,11 +126,28 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--quantization is not supported with --ep")
     if args.tp_attention and args.ep is None:
         raise UsageError("--tp-attention splits attention over the --ep ranks: pass --ep N too")
+    tp = args.tensor_parallel_size
+    if tp > 1 and (args.ep is not None or args.quantization or args.compile):
+        raise UsageError("--tensor-parallel-size goes without --ep, --quantization and --compile")
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs are printed with --json only")
-    dtype = getattr(torch, args.dtype)
-    compile_decode = args.compile is not False and args.ep is None  # on by default; eager (logged) where it can't
-    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode)
+    dtype, where = getattr(torch, args.dtype), device(args)
+    if args.quantization and where.type != "cpu":
+        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
+    if args.compile and where.type != "cpu":
+        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
+    # on by default on the CPU; eager (logged) where it can't
+    compile_decode = args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
+    config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode,
+                          cuda_graphs=False if args.enforce_eager else None)
+    if tp > 1:
+        from kimi_k2.deploy.serve_ep import launch_error, run_tensor_parallel
+
+        d = model_dir(args.model, "a Kimi-format checkpoint directory (each rank reads its part)")
+        if (error := launch_error(tp, "generate", "--tensor-parallel-size")) is not None:
+            raise CommandError(error)
+        return run_tensor_parallel(d, config, dtype, lambda engine: generate(args, engine),
+                                   args.enable_expert_parallel, where)
     if args.ep is not None:
         from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
@@ -120,5 +157,5 @@ def run(args: argparse.Namespace) -> int:
         return run_expert_parallel(d, config, dtype, lambda engine: generate(args, engine), args.tp_attention)
     model_config(args.model)  # a missing model: say what to pass
     tokenizer = Tokenizer.from_pretrained(args.model) if (Path(args.model) / "tiktoken.model").is_file() else None
-    model = load_model(args.model, dtype, quantization=args.quantization)
+    model = load_model(args.model, dtype, quantization=args.quantization, device=where)
     return generate(args, LLMEngine(model, tokenizer, config))

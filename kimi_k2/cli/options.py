@@ -51,6 +51,27 @@ def add_dtype(parser: argparse.ArgumentParser, default: str, help: str = "weight
     parser.add_argument("--dtype", default=default, choices=DTYPES, help=f"{help} (default: {default})")
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where the model, the latent cache, the inputs and sampling live (`kimi_k2.engine.device`)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="cpu, cuda or cuda:N (default: auto, cuda when available, else cpu)")
+
+
+def add_enforce_eager(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: decode eagerly instead of replaying CUDA graphs per batch size (as vLLM's flag)")
+
+
+def device(args: argparse.Namespace):
+    """args.device resolved (`resolve_device`); a device this process cannot use is a UsageError."""
+    from kimi_k2.engine.device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -75,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"smallest unit: {plan.n_gpus} x {gpu}\n")
     else:
         plan = make_plan(cfg, gpu, n, args.context, args.concurrency, **kw)
-    print(render(plan, cfg))
+    print(render(plan, cfg, args.gpu_memory_utilization))
     return 0 if plan.fits else 1

@@ -12,6 +12,8 @@ Layouts (per rank = one GPU):
 - TP=t x PP=p: layers split into p stages of t-way TP; a rank holds the cache of its stage's layers.
 - DP=N attention + EP=N experts: attention, dense MLP, shared experts and embeddings replicated, routed experts
   split N ways; each rank holds the cache of its own sequences.
+`serve_command` turns the best layout `kimi-k2 serve` runs (one GPU, or TP=N, with whole experts per rank when they
+divide) into its command line; pipeline stages and data-parallel attention are planned but not served.
 """
 
 from __future__ import annotations
@@ -136,11 +138,38 @@ def smallest_unit(cfg: K2Config, gpu: str, context: int, concurrency: int = 1, *
     return None
 
 
+def serve_command(plan: Plan, cfg: K2Config, gpus_per_node: int = 8, gpu_memory_utilization: float = 0.9
+                  ) -> str | None:
+    """The `kimi-k2 serve` command of the layout that fits with the most sequences among those it runs (one GPU,
+    TP=N), or None when none of those fits."""
+    runnable = [lay for lay in plan.layouts if lay.fits and (lay.name == "single GPU" or lay.name.startswith("TP=")
+                                                             and " x " not in lay.name)]
+    if not runnable:
+        return None
+    lay = max(runnable, key=lambda lay: lay.max_seqs)
+    n = lay.ranks
+    seqs = max(plan.concurrency, min(lay.max_seqs, 256))
+    args = [plan.model, f"--max-model-len {plan.context}", f"--max-num-seqs {seqs}",
+            f"--gpu-memory-utilization {gpu_memory_utilization}"]
+    if n == 1:
+        return " ".join(["kimi-k2 serve", *args])
+    args.insert(1, f"--tensor-parallel-size {n}")
+    if cfg.n_routed_experts and cfg.n_routed_experts % n == 0:
+        args.insert(2, "--enable-expert-parallel")
+    if n <= gpus_per_node:
+        launch = f"torchrun --nproc-per-node {n}"
+    else:
+        nodes = -(-n // gpus_per_node)
+        launch = (f"torchrun --nnodes {nodes} --node-rank $NODE_RANK --nproc-per-node {gpus_per_node} "
+                  "--rdzv-backend c10d --rdzv-endpoint $HEAD_NODE:29500")
+    return " ".join([launch, "-m kimi_k2.cli serve", *args])
+
+
 def _fmt(b: float) -> str:
     return f"{b / GB:,.1f} GB"
 
 
-def render(plan: Plan, cfg: K2Config) -> str:
+def render(plan: Plan, cfg: K2Config, gpu_memory_utilization: float = 0.9) -> str:
     lines = [
         f"{plan.model} on {plan.n_gpus} x {plan.gpu} ({_fmt(GPUS[plan.gpu])} each), context {plan.context:,}, "
         f"{plan.concurrency} concurrent sequence(s), weights {'block-FP8' if plan.fp8 else 'bf16'}",
@@ -160,4 +189,10 @@ def render(plan: Plan, cfg: K2Config) -> str:
     if not plan.layouts:
         lines.append(f"no layout: {plan.n_gpus} divides neither the {cfg.num_attention_heads} heads nor the "
                      f"{cfg.n_routed_experts} experts")
+    command = serve_command(plan, cfg, gpu_memory_utilization=gpu_memory_utilization)
+    if command is not None:
+        lines += ["", "serve it with (one process per GPU; on several nodes run it on each, NODE_RANK 0..):",
+                  f"  {command}"]
+    elif plan.fits:
+        lines += ["", "kimi-k2 serve runs one GPU or TP=N layouts; none of those fits here"]
     return "\n".join(lines)

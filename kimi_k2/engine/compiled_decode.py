@@ -38,6 +38,8 @@ def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
         return str(e)
     if pool.kv.dtype != torch.float32:
         return f"compiled decode needs a float32 latent cache, got {pool.kv.dtype}"
+    if pool.device.type != "cpu":
+        return f"compiled decode is the CPU path (inductor's C++ wrapper), the engine runs on {pool.device}"
     return None
 
 

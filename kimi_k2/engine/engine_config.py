@@ -32,6 +32,11 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # cache dtype; None: the model's
     # single-stream decode steps through one torch.compile'd graph (float32 models; compiles on first use)
     compile_decode: bool = False
+    # attention over the latent pages in decode steps: "torch" or "triton" (`paged_cache`); None: triton on CUDA
+    attention_backend: str | None = None
+    # decode steps replayed as CUDA graphs per batch-size bucket (`cuda_graphs`); None: on CUDA with the triton
+    # backend. True on the CPU runs the same padded static-buffer step eagerly (what tests check without a GPU).
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -41,6 +46,11 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive int or None, got {v!r}")
+        if self.attention_backend not in (None, "torch", "triton"):
+            raise ValueError(f"EngineConfig.attention_backend must be None, 'torch' or 'triton', got "
+                             f"{self.attention_backend!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"EngineConfig.cuda_graphs must be None or a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.compile_decode, bool):
             raise ValueError(f"EngineConfig.compile_decode must be a bool, got {self.compile_decode!r}")
         if self.memory_budget_bytes < 1:

@@ -16,7 +16,7 @@ from kimi_k2.engine.block_manager import BlockManager
 from kimi_k2.engine.detokenize import TextStream
 from kimi_k2.engine.engine_config import EngineConfig
 from kimi_k2.engine.model_runner import ModelRunner
-from kimi_k2.engine.paged_cache import LatentPool
+from kimi_k2.engine.paged_cache import LatentPool, default_attention
 from kimi_k2.engine.params import CompletionDelta, SamplingParams, TokenLogprob
 from kimi_k2.engine.sampler import sample
 from kimi_k2.engine.scheduler import Scheduler
@@ -68,12 +68,21 @@ class LLMEngine:
         self.model = model.eval()
         self.model_config = model.config
         self.tokenizer = tokenizer
-        dtype = self.config.dtype or next(model.parameters()).dtype
+        weight = next(model.parameters())
+        dtype, self.device = self.config.dtype or weight.dtype, weight.device  # the engine runs where the model is
         self.max_model_len, num_pages = self.config.resolve(self.model_config, dtype)
-        self.pool = LatentPool(self.model_config, num_pages, self.config.page_size, dtype)
+        graphs = self.config.cuda_graphs
+        if graphs is None:
+            graphs = self.device.type == "cuda" and (self.config.attention_backend or default_attention(self.device)
+                                                     ) == "triton"
+        # with graphs, one more page: the scratch page padding rows write to, never given to a sequence
+        self.pool = LatentPool(self.model_config, num_pages + graphs, self.config.page_size, dtype, self.device,
+                               self.config.attention_backend or ("triton" if graphs else None))
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool, self.config.compile_decode)
+        if graphs:
+            self.runner.use_decode_graphs(self.config.max_num_seqs, self.max_model_len, scratch_page=num_pages)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "stop_token_ids", []))
         self.requests: dict[str, Request] = {}
         self.pending: list[CompletionDelta] = []  # abort notices, sent by the next step()
@@ -84,14 +93,16 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike[str], config: EngineConfig | None = None,
-                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None) -> LLMEngine:
-        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory.
+                        dtype: torch.dtype = torch.bfloat16, quantization: str | None = None,
+                        device: torch.device | str = "cpu") -> LLMEngine:
+        """Model weights (and the tokenizer, when `tiktoken.model` is there) from a Kimi-format directory, on `device`
+        (the engine's cache, inputs and sampling follow the model).
 
-        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32).
+        quantization "int8" / "fp16": projections in that format, read tensor by tensor (`dtype` is then fp32; CPU).
         """
         from kimi_k2.engine.loader import load_model
 
-        model = load_model(str(model_dir), dtype, quantization=quantization)
+        model = load_model(str(model_dir), dtype, quantization=quantization, device=device)
         tokenizer = None
         if (Path(model_dir) / "tiktoken.model").is_file():
             from kimi_k2.tokenizer import Tokenizer
@@ -123,8 +134,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seqs = [Sequence(request_id, 0, prompt_ids, params)]
-        seqs += [Sequence(request_id, i, prompt_ids, params, first=seqs[0]) for i in range(1, params.n)]
+        seqs = [Sequence(request_id, 0, prompt_ids, params, device=self.device)]
+        seqs += [Sequence(request_id, i, prompt_ids, params, first=seqs[0], device=self.device)
+                 for i in range(1, params.n)]
         streams = [TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = Request(request_id, prompt_ids, params, seqs, streams)
         for seq in seqs:

@@ -4,8 +4,11 @@ both through the paged latent cache; logits only for the sequences whose last to
 `run` turns the scheduled sequences into plain `Row`s and hands them to `forward_fn`: `forward` in this process, or,
 when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.step`, which broadcasts the rows so
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
-With a `CompiledDecoder` (`EngineConfig.compile_decode`), a group of one decode row runs through it instead; a model
-it cannot serve, or a compile that fails, falls back to the eager model with a logged warning.
+With a `CompiledDecoder` (`EngineConfig.compile_decode`, the CPU), a group of one decode row runs through it instead;
+with `DecodeGraphs` (`EngineConfig.cuda_graphs`, CUDA) a group of decode rows replays the graph of its batch bucket.
+A model they cannot serve, or a compile or capture that fails, falls back to the eager model with a logged warning.
+Every tensor a step makes is made on the pool's device (the model's): the host sends token ids and positions, and
+gets back logits.
 The runner prepares the model for inference in place: routed experts of float weights run as grouped GEMMs
 (`kimi_k2.model.grouped_experts`; same modules and state_dict, their weights stacked without a copy).
 """
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from kimi_k2.engine.compiled_decode import CompiledDecoder, unsupported
+from kimi_k2.engine.cuda_graphs import DecodeGraphs
 from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
 from kimi_k2.model.grouped_experts import GroupedExperts, groupable
@@ -27,14 +31,24 @@ from kimi_k2.model.moe import Experts, MoE
 log = logging.getLogger(__name__)
 
 
+def grouped_gemm_runs(experts: nn.Module) -> bool:
+    """torch._grouped_mm runs these weights: any float dtype on the CPU; bf16 on CUDA (sm90+, PyTorch's kernel)."""
+    w = next(experts.parameters())
+    if w.device.type == "cpu":
+        return True
+    cuda = w.device.type == "cuda"
+    return cuda and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (9, 0)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
-            if type(moe.experts) is Experts and groupable(moe.experts):
+            if type(moe.experts) is Experts and groupable(moe.experts) and grouped_gemm_runs(moe.experts):
                 moe.experts = GroupedExperts(moe.experts)
         self.model = model
         self.pool = pool
         self.decoder = self._compiled_decoder(model, pool) if compile_decode else None
+        self.graphs: DecodeGraphs | None = None
         self.forward_fn: Callable[[list[list[Row]]], torch.Tensor] = self.forward
 
     @staticmethod
@@ -51,12 +65,23 @@ class ModelRunner:
             return None
         return decoder
 
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, scratch_page: int) -> None:
+        """Decode steps through `DecodeGraphs` (captured now on CUDA; on the CPU the same step runs eagerly)."""
+        try:
+            graphs = DecodeGraphs(self.model, self.pool, max_num_seqs, max_model_len, scratch_page,
+                                  use_graphs=self.pool.device.type == "cuda")
+            graphs.capture()
+        except Exception as e:  # a capture failure (an op that syncs, a driver limit) leaves the eager path
+            log.warning("CUDA graphs off, decoding with the eager model: %s", e)
+            return
+        self.graphs = graphs
+
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute `n` more tokens of each (seq, n) -> (sequences to sample, fp32 logits [len, vocab])."""
         groups = [g for g in ([(s, n) for s, n in batch if n == 1], [(s, n) for s, n in batch if n > 1]) if g]
         if not groups:
-            return [], torch.empty(0)
+            return [], torch.empty(0, device=self.pool.device)
         rows = [[Row(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n], seq.num_computed_tokens,
                      seq.block_table, seq.num_computed_tokens + n == len(seq)) for seq, n in g] for g in groups]
         seqs = [seq for g in groups for seq, n in g if seq.num_computed_tokens + n == len(seq)]
@@ -70,10 +95,12 @@ class ModelRunner:
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         if self.decoder is not None and len(rows) == 1 and len(rows[0].input_ids) == 1 and rows[0].last:
             return self.decoder(rows[0])
+        if self.graphs is not None and (logits := self.graphs(rows)) is not None:
+            return logits
         cache = PagedLatentCache(self.pool, rows)
-        S = cache.positions.shape[1]
-        input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows])  # [B, S]
+        S, dev = cache.positions.shape[1], self.pool.device
+        input_ids = torch.tensor([r.input_ids + [0] * (S - len(r.input_ids)) for r in rows], device=dev)  # [B, S]
         hidden = self.model.model(input_ids, cache.positions, cache)  # [B, S, D]
         last = [b for b, r in enumerate(rows) if r.last]
-        ends = torch.tensor([len(rows[b].input_ids) - 1 for b in last], dtype=torch.long)
-        return self.model.lm_head(hidden[torch.tensor(last, dtype=torch.long), ends]).float()  # [M, vocab]
+        ends = torch.tensor([len(rows[b].input_ids) - 1 for b in last], dtype=torch.long, device=dev)
+        return self.model.lm_head(hidden[torch.tensor(last, dtype=torch.long, device=dev), ends]).float()  # [M, V]

@@ -6,6 +6,10 @@ Order (as vLLM): constraint mask -> logit_bias (added; -inf bans a token) -> pre
 p_max dropped) -> one draw. A draw is argmax(p / E) with E ~ Exp(1) from the sequence's own generator: an exact
 categorical sample, reproducible per seed whatever else shares the batch.
 
+Everything runs on the logits' device (the engine's): parameters and penalty counts go there, the generators live
+there, a constraint's mask is copied there; the one transfer back per step is the chosen token ids (and logprobs
+when asked for).
+
 A constraint that fails (allows no token, or raises) fails only its own sequence: `sample` reports it, and the
 engine ends that request with the error while the rest of the batch goes on.
 """
@@ -35,7 +39,7 @@ def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) 
                 if not bool(allowed[:vocab].any()):
                     errors[i] = "the output constraint allows no token"
                     continue
-                logits[i].masked_fill_(~allowed[:vocab].to(logits.device), float("-inf"))
+                logits[i].masked_fill_(~allowed[:vocab].to(logits.device, non_blocking=True), float("-inf"))
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
@@ -44,22 +48,31 @@ def apply_constraints_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) 
                 logits[i].nan_to_num_(0.0, neginf=0.0)
                 continue
         if (p.presence_penalty or p.frequency_penalty) and seq.num_completion_tokens:
-            counts = torch.bincount(torch.tensor(seq.completion_ids), minlength=vocab)[:vocab].to(logits)
+            ids = torch.tensor(seq.completion_ids, device=logits.device)
+            counts = logits.new_zeros(vocab).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return errors
 
 
-def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """x [M, V] temperature-scaled logits; top_k [M] (0 = off), top_p [M], min_p [M]. Dropped tokens get -inf."""
+def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  truncate: bool | None = None, use_min_p: bool | None = None) -> torch.Tensor:
+    """x [M, V] temperature-scaled logits; top_k [M] (0 = off), top_p [M], min_p [M]. Dropped tokens get -inf.
+
+    truncate / use_min_p: whether any row has top_k or top_p / min_p on, when the caller knows it on the host (else
+    read from the tensors: a device sync on CUDA)."""
     vocab = x.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if truncate is None:
+        truncate = bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if use_min_p is None:
+        use_min_p = bool((min_p > 0).any())
+    if truncate:
         xs, order = x.sort(dim=-1, descending=True)
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
         xs = xs.masked_fill(torch.arange(vocab, device=x.device)[None] >= k[:, None], float("-inf"))
         probs = xs.softmax(-1)
         xs = xs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))  # keeps the first token
         x = torch.empty_like(x).scatter_(-1, order, xs)
-    if bool((min_p > 0).any()):
+    if use_min_p:
         probs = x.softmax(-1)
         x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     return x
@@ -74,12 +87,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]
     tokens = logits.argmax(-1)
     rand = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if rand:
-        idx = torch.tensor(rand)
-        temp = torch.tensor([seqs[i].params.temperature for i in rand])
-        top_k = torch.tensor([seqs[i].params.top_k for i in rand])
-        top_p = torch.tensor([seqs[i].params.top_p for i in rand])
-        min_p = torch.tensor([seqs[i].params.min_p for i in rand])
-        probs = filter_logits(logits[idx] / temp[:, None], top_k, top_p, min_p).softmax(-1)
+        dev = logits.device
+        ps = [seqs[i].params for i in rand]
+        idx = torch.tensor(rand, device=dev)
+        temp = torch.tensor([p.temperature for p in ps], device=dev)
+        top_k = torch.tensor([p.top_k for p in ps], device=dev)
+        top_p = torch.tensor([p.top_p for p in ps], device=dev)
+        min_p = torch.tensor([p.min_p for p in ps], device=dev)
+        truncate = any(p.top_k > 0 or p.top_p < 1 for p in ps)
+        probs = filter_logits(logits[idx] / temp[:, None], top_k, top_p, min_p, truncate,
+                              any(p.min_p > 0 for p in ps)).softmax(-1)
         for j, i in enumerate(rand):
             e = torch.empty_like(probs[j]).exponential_(generator=seqs[i].generator)
             tokens[i] = (probs[j] / e).argmax()
@@ -87,7 +104,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     if want:
-        lp = logits[torch.tensor(want)].log_softmax(-1)
+        lp = logits[torch.tensor(want, device=logits.device)].log_softmax(-1)
         for j, i in enumerate(want):
             k = seqs[i].params.logprobs
             top_v, top_i = lp[j].topk(k) if k else (lp[j][:0], lp[j][:0].long())

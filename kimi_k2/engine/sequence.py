@@ -18,7 +18,7 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                 first: Sequence | None = None):
+                 first: Sequence | None = None, device: torch.device | str = "cpu"):
         self.request_id = request_id
         self.index = index
         self.first = first  # sample 0 of the same request, whose prompt pages samples 1..n-1 reuse
@@ -33,7 +33,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         seed = params.seed + index if params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device).manual_seed(seed)  # on the device the logits are sampled on
         self.constraint: TokenConstraint | None = params.constraint() if params.constraint is not None else None
 
     def __len__(self) -> int:

@@ -72,7 +72,11 @@ class MLA(nn.Module):
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe)
         else:
             cache.write(self.layer_idx, c_kv, k_pe)
-            out = self._attend_latent(q_nope, q_pe, *cache.read(self.layer_idx))
+            attend = getattr(cache, "attend", None)  # a paged decode kernel over the cache (the engine's, on CUDA)
+            if attend is not None and not self.track_max_logits:
+                out = self._attend_kernel(q_nope, q_pe, attend)
+            else:
+                out = self._attend_latent(q_nope, q_pe, *cache.read(self.layer_idx))
         return self.o_proj(out.flatten(2).to(x.dtype))
 
     def _attend_full(
@@ -94,6 +98,14 @@ class MLA(nn.Module):
         self.max_logits = scores.detach().amax(dim=(0, 2, 3)).float()
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         return (probs @ v).transpose(1, 2)
+
+    def _attend_kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, attend) -> torch.Tensor:
+        """The absorbed form with the cache's kernel for sum_t p_t c_kv_t: q_lat = W_UK^T q_nope, out = W_UV o_lat."""
+        B, S, H, _ = q_nope.shape
+        w_uk, w_uv_t = absorb(self.kv_b_proj.weight, self.n_heads, self.qk_nope_head_dim)
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope.float(), w_uk)
+        o_lat = attend(self.layer_idx, q_lat.flatten(0, 1), q_pe.flatten(0, 1).float(), self.softmax_scale)
+        return torch.einsum("bshc,hcv->bshv", o_lat.view(B, S, H, -1).float(), w_uv_t)
 
     def _attend_latent(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_all: torch.Tensor, kpe_all: torch.Tensor, mask: torch.Tensor

@@ -23,5 +23,9 @@ class LatentCache(Protocol):
         Returns c_kv [B, T, kv_lora_rank], k_pe [B, T, qk_rope_head_dim] and an additive float mask [B, S, T]
         (0 where query s may see key t, -inf elsewhere: causality and padding). Every query row sees at least one
         key, so padded query rows stay finite.
+
+        A cache may also offer `attend(layer_idx, q_lat [B*S, H, C], q_pe [B*S, H, rope], scale) -> o_lat [B*S, H, C]`
+        (softmax over the visible keys of q_lat . c_kv + q_pe . k_pe, times c_kv): MLA then calls it instead of
+        `read` (the engine's paged decode kernel).
         """
         ...

@@ -86,7 +86,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
         ids = indices.flatten()  # [N*k]
-        self.last_expert_load = torch.bincount(ids, minlength=self.n_experts).detach()
+        # a count per expert without torch.bincount, which reads max(ids) on the host on CUDA (no CUDA graphs then)
+        self.last_expert_load = ids.new_zeros(self.n_experts).index_add_(0, ids, torch.ones_like(ids)).detach()
         y = routed_mixture(flat, weights, indices, lambda rows, _: self.experts(rows, self.last_expert_load))
         self.aux_loss = self._balance_loss(scores.view(B, S, -1), indices.view(B, S, -1)) \
             if self.training and self.aux_loss_alpha > 0 else None

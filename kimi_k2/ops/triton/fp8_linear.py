@@ -80,11 +80,15 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ (weight * scale)^T as x.dtype; weight [N, K] e4m3, scale [ceil(N/128), ceil(K/128)]
-    fp32 (`weight_scale_inv`)."""
+    fp32 (`weight_scale_inv`). path: one of PATHS (default: `fp8_path`'s pick for the device; the Triton paths run
+    on CPU tensors under TRITON_INTERPRET=1)."""
     check_fp8_linear_args(x, weight, scale)
-    path = fp8_path(x.device, *weight.shape)
+    if path is None:
+        path = fp8_path(x.device, *weight.shape)
+    elif path not in PATHS:
+        raise ValueError(f"fp8_linear: path must be one of {PATHS}, got {path!r}")
     if path == "scaled_mm":
         return fp8_linear_scaled_mm(x, weight, scale)
     if path == "reference":
