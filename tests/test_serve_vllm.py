@@ -42,7 +42,7 @@ def test_guide_commands_parse_with_notes():
     assert (tp.model, tp.port, tp.served_model_name, tp.tool_call_parser) == \
         ("moonshotai/Kimi-K2-Instruct", 8000, ["kimi-k2"], "kimi_k2")
     notes = " ".join(vllm_notes(tp))
-    assert "--trust-remote-code" in notes and "--tensor-parallel-size 16" in notes
+    assert "--trust-remote-code" in notes and "--tensor-parallel-size" not in notes  # tensor parallel is real here
     _, dp = parse(argv(GUIDE_DP_EP))
     assert (dp.max_num_batched_tokens, dp.max_num_seqs, dp.gpu_memory_utilization) == (8192, 256, 0.85)
     notes = " ".join(vllm_notes(dp))
@@ -60,10 +60,18 @@ def test_guide_commands_parse_with_notes():
     (["--gpu-memory-utilization", "1.5"], "must be in (0, 1]"),
     (["--chat-template", "no-such-template"], "neither a file"),
     (["--enforce-eager", "--compile"], "contradict"),
+    (["--tensor-parallel-size", "2", "--ep", "2"], "goes without --ep"),
 ])
 def test_bad_vllm_flags_are_usage_errors(extra, message, capsys, tmp_path):
     assert main(["serve", str(tmp_path / "missing"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tensor_parallel_outside_torchrun_names_the_launch(capsys, monkeypatch):
+    model_dir = Path(__file__).resolve().parents[1] / "models" / "k2-nano-instruct"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["serve", str(model_dir), "--tensor-parallel-size", "16", "--device", "cpu"]) == 1
+    assert "torchrun --nproc-per-node 16 -m kimi_k2.cli serve DIR --tensor-parallel-size 16" in capsys.readouterr().err
 
 
 def test_guide_command_serves_a_hub_repo_offline(k2_tokenizer_dir: Path, tmp_path: Path):

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from kimi_k2.checkpoint import hub
-from kimi_k2.cli.options import DTYPES, CommandError, UsageError, add_model, model_dir, positive_int
+from kimi_k2.cli.options import DTYPES, CommandError, UsageError, add_device, add_model, device, model_dir, positive_int
 
 DEFAULT_MODEL = "models/k2-nano-instruct"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
@@ -53,17 +53,23 @@ def add_vllm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download-dir", default=None, help="Hub cache directory for a repo-id MODEL (default: HF_HOME)")
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                    help="tokens per engine step (prefill chunks + decodes)")
-    g.add_argument("--enforce-eager", action="store_true", help="no compiled decode (vLLM: no CUDA graphs)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="decode eagerly: no compiled CPU decode, no CUDA graphs (as vLLM)")
     g.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, default=None, help="the same as --log-level")
-    # multi-GPU layouts of vLLM: accepted with a note, this server runs the model in one process (or --ep ranks)
-    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1)
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="split heads, MLPs, shared experts and vocabulary over N torchrun ranks: `torchrun "
+                        "--nproc-per-node N -m kimi_k2.cli serve MODEL --tensor-parallel-size N` (NCCL on CUDA, gloo "
+                        "on CPU); rank 0 serves HTTP")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size N: whole routed experts per rank instead of 1/N of each")
+    # other multi-GPU layouts of vLLM: accepted with a note
+
     g.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1)
     g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1)
     g.add_argument("--data-parallel-size-local", type=positive_int, default=None)
     g.add_argument("--data-parallel-address", default=None)
     g.add_argument("--data-parallel-rpc-port", type=int, default=None)
     g.add_argument("--data-parallel-start-rank", type=int, default=None)
-    g.add_argument("--enable-expert-parallel", action="store_true")
     g.add_argument("--headless", action="store_true")
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
 
@@ -83,18 +89,18 @@ def vllm_notes(args: argparse.Namespace) -> list[str]:
         notes.append("--enable-auto-tool-choice: accepted; automatic tool choice is always on, every tool call "
                      "grammar-constrained to a declared tool with valid arguments")
     layout = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in
-              ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size") if getattr(args, name) > 1]
+              ("pipeline_parallel_size", "data_parallel_size") if getattr(args, name) > 1]
     layout += [f"--{name.replace('_', '-')}" for name in ("data_parallel_size_local", "data_parallel_address",
                                                           "data_parallel_rpc_port", "data_parallel_start_rank")
                if getattr(args, name) is not None]
-    layout += ["--enable-expert-parallel"] if args.enable_expert_parallel else []
+    layout += ["--enable-expert-parallel"] if args.enable_expert_parallel and args.tensor_parallel_size == 1 else []
     if layout:
-        notes.append(f"{' '.join(layout)}: this server runs the whole model in this process, split over no GPUs; "
-                     "to split the routed experts over processes run `torchrun --nproc-per-node N -m kimi_k2.cli "
-                     "serve MODEL --ep N`")
+        notes.append(f"{' '.join(layout)}: no pipeline or data-parallel replicas here; the model is split only by "
+                     "`torchrun --nproc-per-node N -m kimi_k2.cli serve MODEL --tensor-parallel-size N "
+                     "[--enable-expert-parallel]` (or `--ep N`)")
     if args.gpu_memory_utilization is not None:
-        notes.append(f"--gpu-memory-utilization {args.gpu_memory_utilization}: the engine runs on the CPU here; its "
-                     "latent cache is sized by its memory budget, not a GPU fraction")
+        notes.append(f"--gpu-memory-utilization {args.gpu_memory_utilization}: accepted; the latent cache is sized "
+                     "by the engine's memory budget, not a GPU fraction")
     return notes
 
 
@@ -116,8 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on shutdown")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weight dtype; auto (vLLM's default) is float32 here: the fastest on CPUs without native "
-                        "bf16, and the compiled decode's")
+                   help="weight dtype; auto (vLLM's default): float32 on the CPU (the fastest on CPUs without native "
+                        "bf16, and the compiled decode's), bfloat16 on CUDA")
     p.add_argument("--ep", type=positive_int, default=None, metavar="N",
                    help="split the routed experts over N ranks: `torchrun --nproc-per-node N -m kimi_k2.cli serve "
                         "DIR --ep N ...` (rank 0 serves HTTP, the others run their experts; CPU, gloo)")
@@ -129,6 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
                         "where it applies: float32, int8 or fp16 weights; otherwise eager, logged)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    add_device(p)
     # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
     from kimi_k2.server.limits import ServerLimits as L
 
@@ -163,8 +170,6 @@ def server_limits(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dtype == "auto":
-        args.dtype = "float32"
     if args.enforce_eager:
         if args.compile:
             raise UsageError("--enforce-eager and --compile contradict each other")
@@ -173,13 +178,23 @@ def run(args: argparse.Namespace) -> int:
         args.log_level = args.uvicorn_log_level
     for note in vllm_notes(args):
         log.warning(note)
-    if args.compile and (args.dtype != "float32" or args.ep is not None):
-        raise UsageError("--compile needs --dtype float32 and no --ep")
     if args.quantization and args.ep is not None:
         raise UsageError("--quantization is not supported with --ep")
+    tp = args.tensor_parallel_size
+    if tp > 1 and (args.ep is not None or args.quantization or args.compile):
+        raise UsageError("--tensor-parallel-size goes without --ep, --quantization and --compile")
+    where = device(args)
+    if args.dtype == "auto":  # fp32 on CPUs (no fast bf16 there; the compiled decode's), bf16 on GPUs
+        args.dtype = "float32" if where.type == "cpu" else "bfloat16"
+    if args.compile and (args.dtype != "float32" or args.ep is not None):
+        raise UsageError("--compile needs --dtype float32 and no --ep")
+    if args.quantization and where.type != "cpu":
+        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
+    if args.compile and where.type != "cpu":
+        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
     if args.api_key == "":
-        where = "KIMI_K2_API_KEY is set but empty" if os.environ.get("KIMI_K2_API_KEY") == "" else "--api-key is empty"
-        raise UsageError(f"{where}: give a key, or unset it to serve without one")
+        which = "KIMI_K2_API_KEY is set but empty" if os.environ.get("KIMI_K2_API_KEY") == "" else "--api-key is empty"
+        raise UsageError(f"{which}: give a key, or unset it to serve without one")
     try:
         server_limits(args)  # bad limit values fail before the model loads
     except ValueError as e:
@@ -192,12 +207,20 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    compile_decode = args.compile is not False and args.ep is None
+    compile_decode = args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
     overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
-    config, dtype = EngineConfig(**overrides, compile_decode=compile_decode), getattr(torch, args.dtype)
+    config = EngineConfig(**overrides, compile_decode=compile_decode, cuda_graphs=False if args.enforce_eager else None)
+    dtype = getattr(torch, args.dtype)
+    if tp > 1:
+        from kimi_k2.deploy.serve_ep import launch_error, run_tensor_parallel
+
+        if (error := launch_error(tp, "serve", "--tensor-parallel-size")) is not None:
+            raise CommandError(error)
+        return run_tensor_parallel(d, config, dtype, lambda engine: serve(args, d, engine, template),
+                                   args.enable_expert_parallel, where)
     if args.ep is None:
-        engine = LLMEngine.from_pretrained(d, config=config, dtype=dtype, quantization=args.quantization)
+        engine = LLMEngine.from_pretrained(d, config=config, dtype=dtype, quantization=args.quantization, device=where)
         return serve(args, d, engine, template)
     from kimi_k2.deploy.serve_ep import launch_error, run_expert_parallel
 
