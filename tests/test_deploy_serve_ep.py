@@ -1,5 +1,7 @@
-"""`kimi-k2 serve --ep 2` under a real torchrun (gloo, CPU): rank 0 serves HTTP, rank 1 holds half the experts; the
-official `openai` client gets the same greedy text as from the single-process server; SIGTERM to rank 0 ends all."""
+"""`kimi-k2 serve --ep 2` and `--tensor-parallel-size 2 --enable-expert-parallel` under a real torchrun (gloo, CPU):
+rank 0 serves HTTP, rank 1 holds half the experts (and, with tensor parallel, half the heads, MLP columns and
+vocabulary); the official `openai` client gets the same greedy text as from the single-process server; SIGTERM to
+rank 0 ends all."""
 
 from __future__ import annotations
 
@@ -69,13 +71,16 @@ def test_ep_without_torchrun_or_with_the_wrong_world_says_how_to_launch(model_di
     assert "argument --ep: must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_serve_ep2_matches_one_process_and_stops_on_sigterm_to_rank0(model_dir, reference, tmp_path):
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tensor-parallel-size", "2", "--enable-expert-parallel"]],
+                         ids=["ep2", "tp2-ep"])
+def test_serve_over_two_ranks_matches_one_process_and_stops_on_sigterm_to_rank0(model_dir, reference, tmp_path,
+                                                                               layout):
     port = free_port()
     assert all(reference)  # the comparison below is not between empty strings
     log = open(tmp_path / "torchrun.log", "w+")  # read back once the processes have ended
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kimi_k2.cli",
-         "serve", str(model_dir), "--ep", "2", "--port", str(port), "--api-key", API_KEY,
+         "serve", str(model_dir), *layout, "--port", str(port), "--api-key", API_KEY,
          "--served-model-name", MODEL, "--dtype", "float32", "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
