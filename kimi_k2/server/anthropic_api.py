@@ -34,10 +34,9 @@ from kimi_k2.server.state import (
     account,
     client_gone,
     collected,
-    launch,
     parse_body,
     read_body,
-    request_id,
+    start_generation,
 )
 
 router = APIRouter()
@@ -104,12 +103,7 @@ def prepare_messages(st: ServerState, raw: bytes) -> tuple[ap.MessagesRequest, l
 @router.post("/v1/messages")
 async def messages(request: Request):
     st: ServerState = request.app.state.k2
-    with st.admission.waiting():
-        deadline = st.deadline()
-        body, prompt, plan, params = await st.off_loop(prepare_messages, st, await read_body(request))
-        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("msg_"), st.hidden,
-                         deadline, st.reasoning)
-        await launch(st, gen)
+    body, gen = await start_generation(st, request, prepare_messages, "msg_")
     if body.stream:
         return StreamingResponse(stream(st, gen, body.model), media_type="text/event-stream")
     samples = await collected(st, gen, request)

@@ -46,10 +46,8 @@ from kimi_k2.server.state import (
     account,
     client_gone,
     collected,
-    launch,
     parse_body,
-    read_body,
-    request_id,
+    start_generation,
 )
 
 router = APIRouter()
@@ -152,12 +150,7 @@ def prepare_chat(st: ServerState, raw: bytes) -> tuple[op.ChatCompletionRequest,
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     st: ServerState = request.app.state.k2
-    with st.admission.waiting():
-        deadline = st.deadline()
-        body, prompt, plan, params = await st.off_loop(prepare_chat, st, await read_body(request))
-        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("chatcmpl-"),
-                         st.hidden, deadline, st.reasoning)
-        await launch(st, gen)
+    body, gen = await start_generation(st, request, prepare_chat, "chatcmpl-")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(chat_stream(st, gen, body.model, include_usage, bool(body.logprobs)),

@@ -35,10 +35,9 @@ from kimi_k2.server.state import (
     account,
     client_gone,
     collected,
-    launch,
     parse_body,
-    read_body,
     request_id,
+    start_generation,
 )
 
 router = APIRouter()
@@ -172,12 +171,7 @@ def prepare_response(st: ServerState, raw: bytes):
 @router.post("/v1/responses")
 async def create_response(request: Request):
     st: ServerState = request.app.state.k2
-    with st.admission.waiting():
-        deadline = st.deadline()
-        body, prompt, plan, params = await st.off_loop(prepare_response, st, await read_body(request))
-        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id("resp_"), st.hidden,
-                         deadline, st.reasoning)
-        await launch(st, gen)
+    body, gen = await start_generation(st, request, prepare_response, "resp_")
     shell = response_shell(body, gen)
     if body.stream:
         return StreamingResponse(stream(st, gen, shell), media_type="text/event-stream")

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
@@ -217,6 +217,19 @@ async def launch(st: ServerState, gen) -> None:
         raise engine_failure(e) from None
     st.metrics.ttft_sum += time.perf_counter() - t0
     st.metrics.ttft_count += 1
+
+
+async def start_generation(st: ServerState, request: Request, prepare: Callable, id_prefix: str
+                           ) -> tuple[Any, Generation]:
+    """Admit a chat-shaped request, prepare it off the event loop (`prepare(st, raw) -> (body, prompt, plan,
+    params)`) and start its Generation: (the parsed body, the started generation)."""
+    with st.admission.waiting():
+        deadline = st.deadline()
+        body, prompt, plan, params = await st.off_loop(prepare, st, await read_body(request))
+        gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id(id_prefix), st.hidden,
+                         deadline, st.reasoning)
+        await launch(st, gen)
+    return body, gen
 
 
 async def read_body(request: Request) -> bytes:
