@@ -15,6 +15,7 @@ The runner prepares the model for inference in place: routed experts of float we
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def grouped_gemm_runs(experts: nn.Module) -> bool:
-    """torch._grouped_mm runs these weights: any float dtype on the CPU; bf16 on CUDA (sm90+, PyTorch's kernel)."""
-    w = next(experts.parameters())
+    """The grouped experts run these weights: any float dtype or CPU quantized format (its buffers) on the CPU; bf16 on
+    CUDA (sm90+, torch._grouped_mm's kernel)."""
+    w = next(itertools.chain(experts.parameters(), experts.buffers()))
     if w.device.type == "cpu":
         return True
     cuda = w.device.type == "cuda"
