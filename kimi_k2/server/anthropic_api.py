@@ -95,8 +95,6 @@ def prepare_messages(st: ServerState, raw: bytes) -> tuple[ap.MessagesRequest, l
     t = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(max_tokens=st.max_tokens(len(prompt), body.max_tokens), temperature=t * TEMPERATURE_SCALE,
                             top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=stop, constraint=constraint)
-    if constraint is None:  # no tools declared: the model can never open a tool-call section
-        params.logit_bias = st.without_tool_markers(params.logit_bias)
     return body, prompt, plan, params
 
 

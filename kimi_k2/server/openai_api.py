@@ -140,8 +140,6 @@ def prepare_chat(st: ServerState, raw: bytes) -> tuple[op.ChatCompletionRequest,
     max_tokens = st.max_tokens(len(prompt), body.max_completion_tokens or body.max_tokens, param)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(st, body, max_tokens, logprobs=logprobs, constraint=constraint)
-    if constraint is None:  # no tools declared: the model can never open a tool-call section
-        params.logit_bias = st.without_tool_markers(params.logit_bias)
     if plan is not None and plan.mode == "required":
         params.stop = []  # the whole reply is one tool-call section: stop strings, which cut text, do not apply
     return body, prompt, plan, params

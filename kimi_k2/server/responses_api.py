@@ -163,8 +163,6 @@ def prepare_response(st: ServerState, raw: bytes):
     t = body.temperature
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if t is None else t, top_p=body.top_p or 1.0,
                             seed=body.seed, logprobs=body.top_logprobs, constraint=constraint)
-    if constraint is None:  # no tools declared: the model can never open a tool-call section
-        params.logit_bias = st.without_tool_markers(params.logit_bias)
     return body, prompt, plan, params
 
 

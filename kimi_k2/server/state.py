@@ -222,10 +222,14 @@ async def launch(st: ServerState, gen) -> None:
 async def start_generation(st: ServerState, request: Request, prepare: Callable, id_prefix: str
                            ) -> tuple[Any, Generation]:
     """Admit a chat-shaped request, prepare it off the event loop (`prepare(st, raw) -> (body, prompt, plan,
-    params)`) and start its Generation: (the parsed body, the started generation)."""
+    params)`) and start its Generation: (the parsed body, the started generation). A chat without an output
+    constraint declared no tools: the tool-call markers are banned, so the model can never open a tool-call section
+    (raw `/v1/completions` prompts are left as they are)."""
     with st.admission.waiting():
         deadline = st.deadline()
         body, prompt, plan, params = await st.off_loop(prepare, st, await read_body(request))
+        if params.constraint is None:
+            params.logit_bias = st.without_tool_markers(params.logit_bias)
         gen = Generation(st.engine, st.tokenizer, st.compiler, prompt, params, plan, request_id(id_prefix), st.hidden,
                          deadline, st.reasoning)
         await launch(st, gen)
