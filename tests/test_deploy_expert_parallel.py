@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from parallel_fixtures import NEW_TOKENS, PROMPTS, greedy_reference, write_checkpoint
 
 from kimi_k2.checkpoint import CheckpointReader, load_into
 from kimi_k2.config import K2Config
@@ -16,37 +17,24 @@ from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.attention import MLA
 from kimi_k2.parallel import (
     TPMLA,
-    CachedStepper,
     expert_range,
-    greedy_generate,
     load_expert_parallel,
     shard_attention,
     shard_experts,
 )
 
-PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]  # B*S = 10 tokens: uneven slices over 4 ranks
-NEW_TOKENS = 6
 TOP = 5  # log-probabilities compared per generated token: the chosen one and the top 5
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = K2Config.from_preset("k2-tiny")  # 8 experts, layers 1-2 MoE
-    model = K2ForCausalLM.from_config(config)
-    with torch.no_grad():  # a router bias, so selection differs from scores alone as in K2
-        for block in model.model.layers[1:]:
-            block.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    out = tmp_path_factory.mktemp("ep") / "ckpt"
-    model.save_pretrained(out, fp8=True, max_shard_size=100_000)  # block-FP8, many shards
-    return out
+    return write_checkpoint(tmp_path_factory.mktemp("ep") / "ckpt")
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = K2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    return greedy_generate(CachedStepper(model, 16), PROMPTS, NEW_TOKENS)
+    return greedy_reference(checkpoint)
 
 
 def test_expert_range_splits_evenly_and_rejects_bad_worlds():

@@ -9,34 +9,25 @@ import sys
 
 import pytest
 import torch
+from parallel_fixtures import NEW_TOKENS, PROMPTS, greedy_reference, write_checkpoint
 
 from kimi_k2.checkpoint import CheckpointReader
 from kimi_k2.config import K2Config
 from kimi_k2.model import K2ForCausalLM
-from kimi_k2.parallel import CachedStepper, greedy_generate, shard_experts, shard_tensor_parallel
+from kimi_k2.parallel import shard_experts, shard_tensor_parallel
 from kimi_k2.parallel.tensor import TPMLP, TPMoE, VocabParallelEmbedding, VocabParallelLMHead, vocab_range
 
-PROMPTS = [[5, 17, 99, 3, 250], [42, 7, 311, 8, 64]]
-NEW_TOKENS = 6
 TOP = 5
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = K2ForCausalLM.from_config(K2Config.from_preset("k2-tiny"))  # 4 heads, 8 experts, vocab 512
-    with torch.no_grad():
-        for block in model.model.layers[1:]:
-            block.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    out = tmp_path_factory.mktemp("tp") / "ckpt"
-    model.save_pretrained(out, fp8=True, max_shard_size=100_000)  # block-FP8: ranks read whole 128-blocks, sliced
-    return out
+    return write_checkpoint(tmp_path_factory.mktemp("tp") / "ckpt")
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = K2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    return greedy_generate(CachedStepper(model, 16), PROMPTS, NEW_TOKENS)
+    return greedy_reference(checkpoint)
 
 
 def test_vocab_ranges_cover_the_vocabulary_once():
