@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server_load import build_model, free_port, percentile  # noqa: E402
+from bench_server_load import build_model, free_port, percentile, wait_until_healthy  # noqa: E402
 
 KEY = "bench-key"
 CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
@@ -290,16 +290,7 @@ def main() -> int:
                "--log-level", "warning"]
         proc = subprocess.Popen(cmd, env=env)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+            wait_until_healthy(url, proc, 180)
             server = psutil.Process(proc.pid)
             asyncio.run(good_clients(url, "bench", args.clients, args.max_tokens, 5.0))  # warm-up
             engine_idle(url)

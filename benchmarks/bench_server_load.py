@@ -107,6 +107,20 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
             "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2)}
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll `url`/health until it answers 200; SystemExit if the server process ends or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("server did not start")
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,16 +147,7 @@ def main() -> int:
                                      str(port), "--served-model-name", model, "--max-num-seqs", str(args.clients),
                                      "--log-level", "warning"], env=env)
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+            wait_until_healthy(url, proc, 120)
         else:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         try:
