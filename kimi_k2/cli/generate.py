@@ -22,9 +22,9 @@ from kimi_k2.cli.options import (
     add_dtype,
     add_enforce_eager,
     add_model,
-    device,
     model_config,
     model_dir,
+    placement,
     positive_int,
 )
 from kimi_k2.engine.engine_config import EngineConfig
@@ -126,18 +126,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--quantization is not supported with --ep")
     if args.tp_attention and args.ep is None:
         raise UsageError("--tp-attention splits attention over the --ep ranks: pass --ep N too")
-    tp = args.tensor_parallel_size
-    if tp > 1 and (args.ep is not None or args.quantization or args.compile):
-        raise UsageError("--tensor-parallel-size goes without --ep, --quantization and --compile")
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs are printed with --json only")
-    dtype, where = getattr(torch, args.dtype), device(args)
-    if args.quantization and where.type != "cpu":
-        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
-    if args.compile and where.type != "cpu":
-        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
-    # on by default on the CPU; eager (logged) where it can't
-    compile_decode = args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
+    where, compile_decode = placement(args)
+    tp, dtype = args.tensor_parallel_size, getattr(torch, args.dtype)
     config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode,
                           cuda_graphs=False if args.enforce_eager else None)
     if tp > 1:

@@ -72,6 +72,21 @@ def device(args: argparse.Namespace):
         raise UsageError(f"--device: {e}") from None
 
 
+def placement(args: argparse.Namespace):
+    """(the engine's device, whether the compiled CPU decode runs) for `generate` / `serve`: --device resolved, and
+    the combinations of --tensor-parallel-size, --ep, --quantization and --compile that cannot run are UsageErrors.
+    The compiled decode is on by default on the CPU; eager (logged) where it cannot run."""
+    tp = args.tensor_parallel_size
+    if tp > 1 and (args.ep is not None or args.quantization or args.compile):
+        raise UsageError("--tensor-parallel-size goes without --ep, --quantization and --compile")
+    where = device(args)
+    if args.quantization and where.type != "cpu":
+        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
+    if args.compile and where.type != "cpu":
+        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
+    return where, args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -19,7 +19,16 @@ import re
 from pathlib import Path
 
 from kimi_k2.checkpoint import hub
-from kimi_k2.cli.options import DTYPES, CommandError, UsageError, add_device, add_model, device, model_dir, positive_int
+from kimi_k2.cli.options import (
+    DTYPES,
+    CommandError,
+    UsageError,
+    add_device,
+    add_model,
+    model_dir,
+    placement,
+    positive_int,
+)
 
 DEFAULT_MODEL = "models/k2-nano-instruct"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
@@ -180,18 +189,12 @@ def run(args: argparse.Namespace) -> int:
         log.warning(note)
     if args.quantization and args.ep is not None:
         raise UsageError("--quantization is not supported with --ep")
+    where, compile_decode = placement(args)
     tp = args.tensor_parallel_size
-    if tp > 1 and (args.ep is not None or args.quantization or args.compile):
-        raise UsageError("--tensor-parallel-size goes without --ep, --quantization and --compile")
-    where = device(args)
     if args.dtype == "auto":  # fp32 on CPUs (no fast bf16 there; the compiled decode's), bf16 on GPUs
         args.dtype = "float32" if where.type == "cpu" else "bfloat16"
     if args.compile and (args.dtype != "float32" or args.ep is not None):
         raise UsageError("--compile needs --dtype float32 and no --ep")
-    if args.quantization and where.type != "cpu":
-        raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
-    if args.compile and where.type != "cpu":
-        raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
     if args.api_key == "":
         which = "KIMI_K2_API_KEY is set but empty" if os.environ.get("KIMI_K2_API_KEY") == "" else "--api-key is empty"
         raise UsageError(f"{which}: give a key, or unset it to serve without one")
@@ -207,7 +210,6 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_k2.engine import EngineConfig, LLMEngine
 
-    compile_decode = args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"
     overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
     config = EngineConfig(**overrides, compile_decode=compile_decode, cuda_graphs=False if args.enforce_eager else None)
