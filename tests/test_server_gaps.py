@@ -2,7 +2,8 @@
 client (or raw HTTP where the wire shape itself is the point): batched /v1/completions prompts, logprobs in the chunk
 of their text, echo with prompt logprobs and offsets, `logprobs: 0`, GET /v1/models/{id}, logit_bias, an empty
 tools array and an int64-overflowing seed rejected, JSON-schema type "int", `"usage": null` on non-final chunks,
-`system_fingerprint`, and no-tools requests that can never open a tool-call section."""
+`system_fingerprint`, no-tools requests that can never open a tool-call section, and vLLM's `ignore_eos` and
+`stop_token_ids` extensions."""
 
 from __future__ import annotations
 
@@ -211,3 +212,24 @@ def test_no_tools_request_never_opens_a_tool_call_section(server, client):
     raw = client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0,
                                     logit_bias={str(marker): 100}, logprobs=0)
     assert raw.choices[0].logprobs.tokens == ["<|tool_calls_section_begin|>"]  # raw completions are not masked
+
+
+def test_vllm_ignore_eos_and_stop_token_ids(server, client):
+    st = server[1]
+    eos = min(st.engine.engine.eos_token_ids)
+    to_eos = {"logit_bias": {str(eos): 100}}  # every greedy step picks EOS
+    ends = client.completions.create(model=MODEL, prompt="The cat", max_tokens=6, temperature=0, extra_body=to_eos)
+    assert ends.choices[0].finish_reason == "stop" and ends.usage.completion_tokens == 1
+    goes_on = client.completions.create(model=MODEL, prompt="The cat", max_tokens=6, temperature=0,
+                                        extra_body={**to_eos, "ignore_eos": True})
+    assert goes_on.choices[0].finish_reason == "length" and goes_on.usage.completion_tokens == 6
+    base = client.completions.create(model=MODEL, prompt="The cat", max_tokens=6, temperature=0, logprobs=0)
+    assert base.choices[0].finish_reason == "length"
+    second = st.tokenizer.encode(base.choices[0].logprobs.tokens[1])[0]
+    cut = client.completions.create(model=MODEL, prompt="The cat", max_tokens=6, temperature=0,
+                                    extra_body={"stop_token_ids": [second]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 2
+    assert cut.choices[0].text == base.choices[0].logprobs.tokens[0]
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2,
+                                       extra_body={"stop_token_ids": [st.tokenizer.n_vocab]})

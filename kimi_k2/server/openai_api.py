@@ -71,7 +71,9 @@ def sampling(st: ServerState, body: op.SamplingFields, max_tokens: int, **extra)
                           top_k=body.top_k or 0, min_p=body.min_p or 0.0,
                           presence_penalty=body.presence_penalty or 0.0,
                           frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, n=body.n or 1,
-                          stop=stop, logit_bias=st.logit_bias(body.logit_bias), **extra)
+                          stop=stop, logit_bias=st.logit_bias(body.logit_bias),
+                          stop_token_ids=st.token_ids(body.stop_token_ids, "stop_token_ids"),
+                          ignore_eos=bool(body.ignore_eos), **extra)
 
 
 def usage(gen: Generation) -> dict:

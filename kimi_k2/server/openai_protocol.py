@@ -91,6 +91,8 @@ class SamplingFields(Lenient):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # int64, as vLLM and OpenAI check it
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    stop_token_ids: list[int] | None = None  # vLLM's extension: more ids that end a sample, beside the EOS ids
+    ignore_eos: bool | None = None  # vLLM's extension: the EOS ids do not end a sample (benchmarks)
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = None
     stream_options: StreamOptions | None = None

@@ -154,6 +154,14 @@ class ServerState:
                 raise APIError(400, f"{param}[{i}] is {len(s)} characters long; at most {lim.max_stop_chars} are "
                                     "allowed", param)
 
+    def token_ids(self, raw: list[int] | None, param: str) -> list[int]:
+        """A list of token ids checked against this tokenizer's vocabulary."""
+        for token in raw or []:
+            if not 0 <= token < self.tokenizer.n_vocab:
+                vocab = self.tokenizer.n_vocab
+                raise APIError(400, f"{param}: token id {token} is outside the vocabulary [0, {vocab})", param)
+        return list(raw or [])
+
     def logit_bias(self, raw: dict[str, float] | None, param: str = "logit_bias") -> dict[int, float]:
         """OpenAI's logit_bias (token id -> bias in [-100, 100]) checked against this tokenizer's ids."""
         out: dict[int, float] = {}
