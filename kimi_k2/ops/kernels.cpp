@@ -28,7 +28,7 @@ namespace {
 constexpr int64_t QK = 32;           // weights per int8 scale (Q8_0 block)
 constexpr int64_t RG = 8;            // int8 weight rows interleaved in the packed layout
 constexpr int64_t DEQUANT_MIN = 6;   // fp16: rows per weight from which dequantize + fp32 tiles win
-constexpr int64_t NC = 16;           // weight rows dequantized at a time
+constexpr int64_t NC = 16;           // weight rows per parallel task (fp16: converted to fp32 at a time)
 constexpr int64_t MB = 64;           // rows of x per pass over a chunk of weights
 constexpr int64_t PREFETCH = 512;    // bytes ahead on each weight row
 
@@ -236,7 +236,9 @@ void tiles_q8(const int8_t* xq, const int8_t* xa, const float* xd, int64_t ldxq,
     }
     if (M - m == 3) group_q8<3>(xq + m * ldxq, nullptr, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
     if (M - m == 2) group_q8<2>(xq + m * ldxq, nullptr, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
-    if (M - m == 1) group_q8<1>(xq + m * ldxq, xa + m * ldxq, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
+    if (M - m == 1) {
+      group_q8<1>(xq + m * ldxq, xa + m * ldxq, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
+    }
   }
 }
 
