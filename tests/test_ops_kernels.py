@@ -20,7 +20,7 @@ G = torch.Generator().manual_seed(0)
 
 def _weights(fmt: str, *shape: int) -> tuple[torch.Tensor, ...]:
     w = torch.randn(*shape, generator=G) * shape[-1] ** -0.5
-    return {"fp32": (w,), "fp16": (w.half(),), "int8": quantize_int8(w)}[fmt]
+    return kernels.pack_q8(*quantize_int8(w)) if fmt == "int8" else (w.half() if fmt == "fp16" else w,)
 
 
 def _run(fmt: str, x: torch.Tensor, w: tuple[torch.Tensor, ...], ids: torch.Tensor | None, native: bool
@@ -34,18 +34,39 @@ def _run(fmt: str, x: torch.Tensor, w: tuple[torch.Tensor, ...], ids: torch.Tens
 
 @native
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 37])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
 def test_kernels_match_reference(fmt: str, rows: int) -> None:
-    """Odd widths (N = 45 leaves a partial register tile) on one weight, and on a stack [E, N, K] read by ids: runs
-    of one expert (one product each), a single shared input row, every expert mixed."""
+    """Odd widths (N = 45, int8 N = 40: a partial register tile / chunk; K = 96: three Q8_0 blocks) on one weight, and
+    on a stack [E, N, K] read by ids: runs of one expert (one product each), a single shared input row, every expert
+    mixed, sorted or not (repeats and unsorted ids make runs of one row)."""
+    n = 40 if fmt == "int8" else 45
     x = torch.randn(rows, 96, generator=G)
-    w = _weights(fmt, 45, 96)
+    w = _weights(fmt, n, 96)
     torch.testing.assert_close(_run(fmt, x, w, None, True), _run(fmt, x, w, None, False), rtol=1e-5, atol=1e-5)
-    stack = _weights(fmt, 5, 45, 96)
-    ids = torch.sort(torch.randint(0, 5, (rows,), generator=G)).values
-    for xs in (x, x[:1]):
-        torch.testing.assert_close(_run(fmt, xs, stack, ids, True), _run(fmt, xs, stack, ids, False), rtol=1e-5,
-                                   atol=1e-5)
+    stack = _weights(fmt, 5, n, 96)
+    unsorted = torch.randint(0, 5, (rows,), generator=G)
+    for ids in (torch.sort(unsorted).values, unsorted):
+        for xs in (x, x[:1]):
+            torch.testing.assert_close(_run(fmt, xs, stack, ids, True), _run(fmt, xs, stack, ids, False), rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_q8_packing_round_trips_and_rejects_odd_rows() -> None:
+    """`pack_q8` reorders each group of 8 rows (quants [block][4-weight chunk][row], scales [block][row]) and
+    `unpack_q8` restores the row-major tensors exactly, stacks [E, N, K] included; a group is whole rows, so packs of
+    row blocks concatenate into the pack of the concatenation (gate | up as one projection)."""
+    q, d = quantize_int8(torch.randn(3, 24, 64, generator=G))
+    pq, pd = kernels.pack_q8(q, d)
+    assert pq.shape == q.shape and pd.shape == d.shape and not torch.equal(pq, q)
+    # row 1 of group 0: chunk 0 holds its weights 0..3 at bytes 4..7, chunk 1 its weights 4..7 at bytes 36..39
+    assert torch.equal(pq[0, 0, 4:8], q[0, 1, 0:4]) and torch.equal(pq[0, 0, 36:40], q[0, 1, 4:8])
+    assert torch.equal(pd[0, 0, :2], torch.stack([d[0, 0, 0], d[0, 1, 0]]))
+    uq, ud = kernels.unpack_q8(pq, pd)
+    assert torch.equal(uq, q) and torch.equal(ud, d)
+    gate, up = kernels.pack_q8(q[0, :16], d[0, :16]), kernels.pack_q8(q[0, 16:], d[0, 16:])
+    assert torch.equal(torch.cat([gate[0], up[0]]), pq[0]) and torch.equal(torch.cat([gate[1], up[1]]), pd[0])
+    with pytest.raises(ValueError, match="out_features divisible by 8"):
+        kernels.pack_q8(*quantize_int8(torch.randn(12, 64)))
 
 
 @native
@@ -55,15 +76,17 @@ def test_q8_rows_are_batch_invariant_and_q8_arithmetic() -> None:
     w = _weights("int8", 64, 128)
     x = torch.randn(40, 128, generator=G)
     alone = kernels.linear_q8(x[:1], *w)
-    for batch in (3, 40):
-        torch.testing.assert_close(kernels.linear_q8(x[:batch], *w)[:1], alone, rtol=0, atol=1e-5)
+    for batch in (2, 3, 5, 40):
+        assert torch.equal(kernels.linear_q8(x[:batch], *w)[:1], alone)
     xq, xd = kernels.quantize_blocks(x[:1])
-    torch.testing.assert_close(alone, kernels.dequantize_blocks(xq, xd) @ kernels.dequantize_blocks(*w).t(),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone, kernels.dequantize_blocks(xq, xd) @ kernels.dequantize_blocks(
+        *kernels.unpack_q8(*w)).t(), rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="expert id 7 out of"):
         kernels.linear_q8(x[:2], *_weights("int8", 3, 64, 128), torch.tensor([0, 7]))
     with pytest.raises(RuntimeError, match="multiple of 32"):
         kernels.linear_q8(torch.randn(1, 40), torch.zeros(4, 40, dtype=torch.int8), torch.zeros(4, 1).half())
+    with pytest.raises(RuntimeError, match="out_features divisible by 8"):
+        kernels.linear_q8(torch.randn(1, 64), torch.zeros(12, 64, dtype=torch.int8), torch.zeros(12, 2).half())
 
 
 _FALLBACK = """
@@ -71,7 +94,7 @@ import logging, torch
 logging.basicConfig(level=logging.WARNING)
 from kimi_k2.ops import kernels
 from kimi_k2.ops.quantize import quantize_int8
-w = quantize_int8(torch.randn(16, 64))
+w = kernels.pack_q8(*quantize_int8(torch.randn(16, 64)))
 x = torch.randn(2, 64)
 assert kernels.load() is False
 torch.testing.assert_close(kernels.linear_q8(x, *w), kernels.linear_q8_reference(x, *w))

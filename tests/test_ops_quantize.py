@@ -50,6 +50,20 @@ def test_quantized_linear_matches_float(fmt: str, tol: float) -> None:
         QuantizedLinear.from_float(lin.weight, None, "int4")
 
 
+def test_int8_linear_holds_the_packed_layout_and_dequantizes_row_major() -> None:
+    """An int8 QuantizedLinear stores the kernel's packed order (made once) and `dequantized` gives back W's rows in
+    order; out_features not divisible by 8 is refused by the module and left float by `quantize_linears`."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    q = QuantizedLinear.from_float(w, None, "int8")
+    rows_q, rows_d = quantize_int8(w)
+    assert not torch.equal(q.weight, rows_q)
+    assert torch.equal(q.dequantized(), rows_q.float() * rows_d.float().repeat_interleave(32, dim=1))
+    with pytest.raises(ValueError, match="out_features by 8, got 64 and 12"):
+        QuantizedLinear.from_float(torch.randn(12, 64), None, "int8")
+    model = nn.Sequential(nn.Linear(64, 12), nn.Linear(64, 16))
+    assert quantize_linears(model, "int8") == ["1"] and isinstance(model[0], nn.Linear)
+
+
 def test_quantize_linears_replaces_all_but_kept() -> None:
     model = random_tiny_model()
     done = quantize_linears(model, "fp16", keep=lambda name: name.endswith("o_proj"))

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..config import K2Config
 from ..ops import kernels
-from ..ops.kernels import dequantize_blocks
 from ..ops.layout import fuse_columns, fused_view, pack_rows
 from ..ops.quantize import QuantizedLinear, linear
 from .functional import absorb, expert_mlp, latent_attention, rms_norm, route, routed_mixture, swiglu
@@ -46,13 +45,6 @@ def _linear(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) ->
     """x [B, K] -> [B, N] for a projection in either layout."""
     y = x @ w if isinstance(w, torch.Tensor) else linear(x, w.weight, w.scales)
     return y if bias is None else y + bias
-
-
-def _float_rows(w: torch.Tensor | Packed) -> torch.Tensor:
-    """A row-major weight [N, K] in fp32 (kv_b_proj, which the latent attention absorbs)."""
-    if isinstance(w, torch.Tensor):
-        return w
-    return w.weight.float() if w.scales is None else dequantize_blocks(w.weight, w.scales)
 
 
 class DecodeStep:
@@ -111,7 +103,7 @@ class DecodeStep:
         c_kv, k_pe = rms_norm(c_kv, w["kv_a_norm"], self.eps), apply_rotary_emb(k_pe, cos, sin)  # [B, 1, C], [B, 1, R]
         latent = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, C + R]
         keys = torch.cat([cached, latent], dim=1)  # [B, T + 1, C + R]
-        w_uk, w_uv_t = absorb(_float_rows(w["kv_b"]), H, self.nope)
+        w_uk, w_uv_t = absorb(w["kv_b"], H, self.nope)
         out, _ = latent_attention(q_nope, q_pe, keys[..., :C], keys[..., C:], mask, w_uk, w_uv_t, self.scale)
         return _linear(out.reshape(B, -1), w["o"], w.get("o_bias")), latent[:, 0]
 
@@ -158,9 +150,10 @@ def _projection(linears: list[nn.Module]) -> Projection:
     return fused if fused is not None else torch.cat([w.t() for w in weights], dim=1)
 
 
-def _rows(m: nn.Module) -> torch.Tensor | Packed:
-    """A projection's own weight, row-major [N, K]: fp32, or Packed."""
-    return Packed(m.weight, m.scales) if isinstance(m, QuantizedLinear) else m.weight.detach()
+def _float_rows(m: nn.Module) -> torch.Tensor:
+    """kv_b_proj's weight [N, K] in fp32, which the latent attention absorbs: the model's own tensor, or an int8 / fp16
+    one dequantized here, once per `decode_weights` (not in every step)."""
+    return m.dequantized() if isinstance(m, QuantizedLinear) else m.weight.detach()
 
 
 def _fuse(linears: list[nn.Module]) -> None:
@@ -198,7 +191,7 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
         w: dict[str, Any] = {
             "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
             "x_proj": _projection([first, attn.kv_a_proj_with_mqa]), "kv_a_norm": attn.kv_a_layernorm.weight,
-            "kv_b": _rows(attn.kv_b_proj), "o": _projection([attn.o_proj])}
+            "kv_b": _float_rows(attn.kv_b_proj), "o": _projection([attn.o_proj])}
         if attn.q_lora_rank is not None:
             w.update(q_a_norm=attn.q_a_layernorm.weight, q_b=_projection([attn.q_b_proj]))
         if first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None:

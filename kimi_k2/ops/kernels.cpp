@@ -3,14 +3,15 @@
 //
 //   linear_f16(x, w, ids)     y = x W^T,  W fp16 [N, K] (or [E, N, K] with ids), x / y fp32, fp32 accumulation
 //   linear_q8(x, q, d, ids)   y = x W^T,  W = q * d: q int8 [N, K], d fp16 [N, K/32] (one scale per 32 weights of a
-//                             row, llama.cpp's Q8_0); x is quantized the same way per row (int8 + an fp32 scale per 32),
-//                             each 32-block's integer dot product is exact in int32, then scaled by d_w * d_x.
+//                             row, llama.cpp's Q8_0), both in the packed row order below (N % 8 == 0); x is quantized
+//                             the same way per row (int8 + an fp32 scale per 32), each 32-block's integer dot product
+//                             is exact in int32, then scaled by d_w * d_x.
 //   ids [M] int64 (optional): output row i uses expert ids[i] of a stacked W [E, N, K] (x has M rows, or one row that
 //                             every output row reads); consecutive rows of the same expert are computed as one GEMM.
 //
-// Small batches (the decode case, M < DEQUANT_MIN rows per weight) run register tiles of MR rows x NR weight rows over
-// the weights as stored; larger ones dequantize NC weight rows at a time into fp32 (L1-sized) and run fp32 tiles over
-// all rows, which on an AVX2 CPU without VNNI is faster than int8 arithmetic (vpmaddubsw runs on one port).
+// int8 runs register tiles of up to 4 rows x 8 packed weight rows at every batch size. fp32 / fp16: small batches
+// (the decode case, M < DEQUANT_MIN rows per weight) run tiles of MR rows x NR weight rows over the weights as
+// stored; larger fp16 ones convert NC weight rows at a time into fp32 (L1-sized) and run fp32 tiles over all rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,15 +20,23 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace {
 
 constexpr int64_t QK = 32;           // weights per int8 scale (Q8_0 block)
-constexpr int64_t DEQUANT_MIN = 6;   // rows per weight from which dequantize + fp32 tiles win
-constexpr int64_t NC = 16;           // weight rows dequantized at a time
+constexpr int64_t RG = 8;            // int8 weight rows interleaved in the packed layout
+constexpr int64_t DEQUANT_MIN = 6;   // fp16: rows per weight from which dequantize + fp32 tiles win
+constexpr int64_t NC = 16;           // weight rows per parallel task (fp16: converted to fp32 at a time)
 constexpr int64_t MB = 64;           // rows of x per pass over a chunk of weights
 constexpr int64_t PREFETCH = 512;    // bytes ahead on each weight row
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -113,36 +122,51 @@ void rows_f(const float* x, const W* w, int64_t K, int64_t nr, float* y) {
   }
 }
 
-// y[MR, NR] from int8 blocks: per 32-block, |w| (u8) x sign(x, w) (s8) pairs summed in int16 by vpmaddubsw (at most
-// 2 * 127 * 127, no saturation), in int32 by vpmaddwd, then scaled by d_w * d_x into fp32 accumulators
-template <int MR, int NR>
-void tile_q8(const int8_t* xq, const float* xd, int64_t ldxq, int64_t ldxd, const int8_t* wq, const uint16_t* wd,
-             int64_t K, float* y, int64_t ldy) {
-  __m256 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
-  const int64_t nb = K / QK;
+// Q8_0 weights packed for AVX2 (`pack_q8` in kernels.py): rows in groups of RG = 8; group g's quants (RG * K bytes)
+// ordered [block b][chunk c][row r][4 weights 4c..4c+3 of block b] and its scales [block b][row r]. One 32-byte load
+// then holds 4 weights of each of the 8 rows, so a block's 8 int32 dot products end in the 8 lanes of one register,
+// scaled by the 8 rows' scales in one FMA: no per-row horizontal sums, scale broadcasts or second memory stream per
+// row (ggml's repacked Q8_0 / Q4_0 GEMV layouts follow the same idea).
+//
+// y[MR, RG] = x[MR, K] . group^T: per 4-byte chunk, |w| (u8) x sign(x, w) (s8) pairs summed in int16 by vpmaddubsw
+// (at most 2 * 127 * 127, no saturation), in int32 by vpmaddwd, over the block's 8 chunks in int32 (exact), then
+// scaled by d_w * d_x into fp32. One row: |x| (xa, made once per call) times sign(w, x) saves the |w| per load.
+template <int MR>
+void group_q8(const int8_t* xq, const int8_t* xa, const float* xd, int64_t ldxq, int64_t ldxd, const int8_t* wq,
+              const uint16_t* wd, int64_t nb, float* y, int64_t ldy) {
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MR];
-    for (int r = 0; r < MR; ++r) xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * ldxq + b * QK));
-    for (int j = 0; j < NR; ++j) {
-      const int8_t* p = wq + j * K + b * QK;
-      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH, _MM_HINT_T0);
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-      const float dw = _cvtsh_ss(wd[j * nb + b]);
-      for (int r = 0; r < MR; ++r) {
-        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], wv)), ones);
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * xd[r * ldxd + b]), acc[r][j]);
+    const int8_t* wb = wq + b * QK * RG;
+    for (int i = 0; i < QK * RG; i += 64) _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH + i, _MM_HINT_T0);
+    __m256i t[MR];
+    for (int r = 0; r < MR; ++r) t[r] = _mm256_setzero_si256();
+    for (int c = 0; c < QK / 4; ++c) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 32));
+      if constexpr (MR == 1) {
+        const __m256i s = _mm256_maddubs_epi16(_mm256_set1_epi32(load4(xa + b * QK + 4 * c)),
+                                               _mm256_sign_epi8(wv, _mm256_set1_epi32(load4(xq + b * QK + 4 * c))));
+        t[0] = _mm256_add_epi32(t[0], _mm256_madd_epi16(s, ones));
+      } else {
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xv = _mm256_set1_epi32(load4(xq + r * ldxq + b * QK + 4 * c));
+          t[r] = _mm256_add_epi32(t[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones));
+        }
       }
     }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + b * RG)));
+    for (int r = 0; r < MR; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[r * ldxd + b])), acc[r]);
+    }
   }
-  store_tile<MR, NR>(acc, y, ldy);
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(y + r * ldy, acc[r]);
 }
 
-// x rows -> int8 + one fp32 scale per 32 values: d = amax / 127, q = round(x / d) (to nearest even, as torch.round)
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, float* d) {
+// x rows -> int8 + one fp32 scale per 32 values: d = amax / 127, q = round(x / d) (to nearest even, as torch.round);
+// qa = |q|
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q, int8_t* qa, float* d) {
   const int64_t nb = K / QK;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
@@ -165,23 +189,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* q,
       // packs interleave 128-bit lanes: 0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31 -> in order
       i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * QK), i0);
-    }
-  }
-}
-
-// nr rows of int8 blocks as fp32 into out [nr, K]; scales fp16 (wd, weights) or fp32 (fd, activations)
-void dequant_q8(const int8_t* wq, const uint16_t* wd, const float* fd, int64_t K, int64_t nr, float* out) {
-  const int64_t nb = K / QK;
-  for (int64_t j = 0; j < nr; ++j) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256 s = _mm256_set1_ps(wd != nullptr ? _cvtsh_ss(wd[j * nb + b]) : fd[j * nb + b]);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + j * K + b * QK));
-      const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-      float* o = out + j * K + b * QK;
-      _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s));
-      _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s));
-      _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s));
-      _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qa + m * K + b * QK), _mm256_sign_epi8(i0, i0));
     }
   }
 }
@@ -216,20 +224,20 @@ void tiles_f(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K, int6
   }
 }
 
-void tiles_q8(const int8_t* xq, const float* xd, int64_t ldxq, int64_t ldxd, int64_t M, const int8_t* wq,
-              const uint16_t* wd, int64_t K, int64_t nr, float* y, int64_t ldy) {
+void tiles_q8(const int8_t* xq, const int8_t* xa, const float* xd, int64_t ldxq, int64_t ldxd, int64_t M,
+              const int8_t* wq, const uint16_t* wd, int64_t K, int64_t nr, float* y, int64_t ldy) {
   const int64_t nb = K / QK;
-  int64_t j = 0;
-  for (; j + 4 <= nr; j += 4) {
+  for (int64_t g = 0; g < nr; g += RG) {
+    const int8_t* wg = wq + g * K;
+    const uint16_t* dg = wd + g * nb;
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) {
-      tile_q8<2, 4>(xq + m * ldxq, xd + m * ldxd, ldxq, ldxd, wq + j * K, wd + j * nb, K, y + m * ldy + j, ldy);
+    for (; m + 4 <= M; m += 4) {
+      group_q8<4>(xq + m * ldxq, nullptr, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
     }
-    if (m < M) tile_q8<1, 4>(xq + m * ldxq, xd + m * ldxd, ldxq, ldxd, wq + j * K, wd + j * nb, K, y + m * ldy + j, ldy);
-  }
-  for (; j < nr; ++j) {
-    for (int64_t m = 0; m < M; ++m) {
-      tile_q8<1, 1>(xq + m * ldxq, xd + m * ldxd, ldxq, ldxd, wq + j * K, wd + j * nb, K, y + m * ldy + j, ldy);
+    if (M - m == 3) group_q8<3>(xq + m * ldxq, nullptr, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
+    if (M - m == 2) group_q8<2>(xq + m * ldxq, nullptr, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
+    if (M - m == 1) {
+      group_q8<1>(xq + m * ldxq, xa + m * ldxq, xd + m * ldxd, ldxq, ldxd, wg, dg, nb, y + m * ldy + g, ldy);
     }
   }
 }
@@ -325,6 +333,7 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
               "linear_q8 needs int8 weights and float16 scales, got ", q.scalar_type(), " / ", d.scalar_type());
   const at::Tensor x = x_.contiguous();
   const auto [M, N, E] = check(x, q, ids, QK);
+  TORCH_CHECK(N % RG == 0, "packed int8 weights need out_features divisible by ", RG, ", got ", N);
   const int64_t K = x.size(1), nb = K / QK, Mx = x.size(0);
   TORCH_CHECK(d.is_contiguous() && d.numel() == E * N * nb, "scales must be contiguous [..., N, K / 32]");
   at::Tensor y = at::empty({M, N}, x.options());
@@ -332,36 +341,23 @@ at::Tensor linear_q8(const at::Tensor& x_, const at::Tensor& q, const at::Tensor
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr());
   float* yp = y.data_ptr<float>();
   const std::vector<Rows> gs = groups(M, ids);
-  // int8 activations for every row; the large groups multiply them dequantized (x_q * d_x in fp32), so a row's
-  // result is the same product, up to fp32 rounding, whichever path its group takes (batch-invariant)
-  at::Tensor xq = at::empty({Mx, K}, x.options().dtype(at::kChar)), xd = at::empty({Mx, nb}, x.options()), xf;
-  quantize_rows(x.data_ptr<float>(), Mx, K, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>());
-  if (std::any_of(gs.begin(), gs.end(), [](const Rows& g) { return g.end - g.begin >= DEQUANT_MIN; })) {
-    xf = at::empty({Mx, K}, x.options());
-    at::parallel_for(0, Mx, 1, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        dequant_q8(xq.data_ptr<int8_t>() + m * K, nullptr, xd.data_ptr<float>() + m * nb, K, 1,
-                   xf.data_ptr<float>() + m * K);
-      }
-    });
-  }
+  // int8 activations (and |x_q|) for every row; every row runs the same exact int32 block sums and fp32 scaling
+  // whatever its batch (batch-invariant): on AVX2 without VNNI these match fp32 FMAs per weight and row (vpmaddubsw +
+  // vpmaddwd vs a dequantized weight's FMA), so dequantizing to fp32 for large batches would only add its own cost
+  const auto i8 = x.options().dtype(at::kChar);
+  at::Tensor xq = at::empty({Mx, K}, i8), xa = at::empty({Mx, K}, i8), xd = at::empty({Mx, nb}, x.options());
+  quantize_rows(x.data_ptr<float>(), Mx, K, K, xq.data_ptr<int8_t>(), xa.data_ptr<int8_t>(), xd.data_ptr<float>());
   const int64_t step = Mx == 1 ? 0 : 1;  // x row of output row m: m * step
-  for (const Rows& g : gs) {
-    const int64_t rows = g.end - g.begin;
+  for (const Rows& g : groups(M, ids)) {
     const int8_t* qe = qp + g.expert * N * K;
     const uint16_t* de = dp + g.expert * N * nb;
     float* yg = yp + g.begin * N;
     at::parallel_for(0, (N + NC - 1) / NC, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> buf(rows >= DEQUANT_MIN ? NC * K : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n = c * NC, nr = std::min(NC, N - n);
-        if (rows >= DEQUANT_MIN) {
-          dequant_q8(qe + n * K, de + n * nb, nullptr, K, nr, buf.data());
-          tiles_f<float>(xf.data_ptr<float>() + g.begin * step * K, step * K, rows, buf.data(), K, nr, yg + n, N);
-        } else {
-          tiles_q8(xq.data_ptr<int8_t>() + g.begin * step * K, xd.data_ptr<float>() + g.begin * step * nb, step * K,
-                   step * nb, rows, qe + n * K, de + n * nb, K, nr, yg + n, N);
-        }
+        tiles_q8(xq.data_ptr<int8_t>() + g.begin * step * K, xa.data_ptr<int8_t>() + g.begin * step * K,
+                 xd.data_ptr<float>() + g.begin * step * nb, step * K, step * nb, g.end - g.begin, qe + n * K,
+                 de + n * nb, K, nr, yg + n, N);
       }
     });
   }

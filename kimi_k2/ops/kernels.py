@@ -6,11 +6,10 @@ into `$KIMI_K2_CACHE` (default ~/.cache/kimi_k2) and loaded on first use. Withou
 AVX2, the reference runs instead (same formulas, slower) and a warning says so.
 
     linear_f16(x [M, K] fp32, w [N, K] fp16, ids=None) -> x w^T [M, N] fp32
-    linear_q8(x, q [N, K] int8, d [N, K/32] fp16, ids=None) -> x (q * d)^T: llama.cpp's Q8_0 arithmetic: x is
-        quantized per row in blocks of 32 (d_x = amax / 127, x_q = round(x / d_x)), each block's int8 dot product is
-        exact, then scaled by d_w * d_x. From 6 rows per weight on (DEQUANT_MIN), the kernel instead dequantizes both
-        to fp32 (the weights a few rows at a time) and multiplies in fp32: faster there on AVX2, and the same
-        product up to fp32 rounding, so a row's result does not depend on the batch it is in.
+    linear_q8(x, q [N, K] int8, d [N, K/32] fp16, ids=None) -> x (q * d)^T, q and d in the packed order of
+        `pack_q8` (N a multiple of 8): llama.cpp's Q8_0 arithmetic: x is quantized per row in blocks of 32
+        (d_x = amax / 127, x_q = round(x / d_x)), each block's int8 dot product is exact, then scaled by d_w * d_x,
+        the same arithmetic at every batch size, so a row's result does not depend on the batch it is in.
     ids [M] int64: output row i uses expert ids[i] of stacked weights [E, N, K] / [E, N, K/32] (x has M rows or 1).
 
 Why our own kernels (measured on the 2-core AVX2 box, one thread): FBGEMM's dynamic int8 / fp16 linears cost
@@ -37,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 QK = 32  # int8 weights per scale (Q8_0 block)
+RG = 8  # int8 weight rows interleaved by `pack_q8`
 
 _LIB = torch.library.Library("kimi_k2", "DEF")
 _LIB.define("linear_f32(Tensor x, Tensor w, Tensor? ids=None) -> Tensor")
@@ -84,6 +84,30 @@ def dequantize_blocks(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (q.float().unflatten(-1, (-1, QK)) * d.float()[..., None]).flatten(-2)
 
 
+def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major Q8_0 (q int8 [..., N, K], d [..., N, K/32]) -> the same shapes in the kernel's packed order.
+
+    Rows go in groups of RG = 8: a group's quants are ordered [block b][chunk c][row r][weights 4c..4c+3 of block b]
+    (one 32-byte load holds 4 weights of each of its 8 rows) and its scales [block b][row r]. Groups stay whole rows
+    of the tensor, so packs concatenate and stack along rows (`kimi_k2.ops.layout.pack_rows`) like row-major ones.
+    """
+    *lead, N, K = q.shape
+    if N % RG or K % QK:
+        raise ValueError(f"packed int8 weights need out_features divisible by {RG} and in_features by {QK}, "
+                         f"got {N} x {K}")
+    nb = K // QK
+    packed = q.reshape(*lead, N // RG, RG, nb, QK // 4, 4).movedim(-4, -2).reshape(*lead, N, K)
+    return packed.contiguous(), d.reshape(*lead, N // RG, RG, nb).transpose(-1, -2).reshape(*lead, N, nb).contiguous()
+
+
+def unpack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_q8`: packed (q, d) -> row-major."""
+    *lead, N, K = q.shape
+    nb = K // QK
+    rows = q.reshape(*lead, N // RG, nb, QK // 4, RG, 4).movedim(-2, -4).reshape(*lead, N, K)
+    return rows, d.reshape(*lead, N // RG, nb, RG).transpose(-1, -2).reshape(*lead, N, nb)
+
+
 def _expert_weights(w: torch.Tensor, rows: int, ids: torch.Tensor | None) -> torch.Tensor:
     return w.expand(rows, *w.shape) if ids is None else w[ids]  # [M, N, K]
 
@@ -97,7 +121,7 @@ def linear_float_reference(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor |
 def linear_q8_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, ids: torch.Tensor | None = None
                         ) -> torch.Tensor:
     xs = dequantize_blocks(*quantize_blocks(x.expand(x.shape[0] if ids is None else len(ids), -1)))
-    w = dequantize_blocks(q, d)
+    w = dequantize_blocks(*unpack_q8(q, d))
     if ids is None:
         return xs @ w.t()
     return (w[ids] @ xs[:, :, None])[..., 0]

@@ -5,7 +5,8 @@
            call (int8 blocks with an fp32 scale), so every block's dot product is an exact int32 sum.
     fp16:  W stored as IEEE half; activations and accumulation stay fp32.
 
-A QuantizedLinear keeps its weight ([N, K] int8 or fp16) and int8 scales ([N, K/32] fp16) as non-persistent buffers:
+A QuantizedLinear keeps its weight ([N, K] int8 or fp16) and int8 scales ([N, K/32] fp16) as non-persistent buffers,
+int8 in the kernel's packed row order (`kimi_k2.ops.kernels.pack_q8`, made once here; `dequantized` undoes it):
 a quantized model is made from a float checkpoint (`kimi_k2.model.quantized`), never saved. Engine layouts
 (`kimi_k2.ops.layout`) make these buffers views of fused or stacked tensors, as they do with float weights.
 `linear` is the one entry point for a weight in any of the formats (fp32 / fp16 / int8, optionally stacked experts
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels import QK, dequantize_blocks
+from .kernels import QK, RG, dequantize_blocks, pack_q8, unpack_q8
 
 FORMATS = ("int8", "fp16")
 MULTIPLE = {"int8": QK, "fp16": 8}  # in_features must be a multiple of this
+ROWS_MULTIPLE = {"int8": RG, "fp16": 1}  # and out_features of this
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +86,12 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
         if weight.ndim != 2 or not weight.is_floating_point():
             raise ValueError(f"a linear weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
-        if weight.shape[1] % MULTIPLE[fmt]:
-            raise ValueError(f"{fmt} weights need in_features divisible by {MULTIPLE[fmt]}, got {weight.shape[1]}")
+        if weight.shape[1] % MULTIPLE[fmt] or weight.shape[0] % ROWS_MULTIPLE[fmt]:
+            raise ValueError(f"{fmt} weights need in_features divisible by {MULTIPLE[fmt]} and out_features by "
+                             f"{ROWS_MULTIPLE[fmt]}, got {weight.shape[1]} and {weight.shape[0]}")
         b = None if bias is None else bias.detach().float().contiguous()
         if fmt == "int8":
-            return cls(*quantize_int8(weight), b)
+            return cls(*pack_q8(*quantize_int8(weight)), b)
         return cls(weight.detach().to(torch.float16).contiguous(), None, b)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
@@ -106,7 +109,7 @@ class QuantizedLinear(nn.Module):
             0 if self.scales is None else self.scales.numel() * self.scales.element_size())
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() if self.scales is None else dequantize_blocks(self.weight, self.scales)
+        return self.weight.float() if self.scales is None else dequantize_blocks(*unpack_q8(self.weight, self.scales))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x.reshape(-1, self.in_features).float(), self.weight, self.scales)
@@ -124,7 +127,8 @@ def quantize_linears(model: nn.Module, fmt: str, keep: Callable[[str], bool] = l
 
     source(name) gives the float (weight, bias) to quantize (default: the linear's own), so a meta-device model can
     be quantized from a checkpoint one tensor at a time; each original is dropped as soon as it is replaced. A linear
-    whose in_features the format cannot take (int8: multiples of 32, fp16: of 8) stays float, with a warning.
+    whose shape the format cannot take (in_features: int8 multiples of 32, fp16 of 8; int8 out_features: multiples of
+    8) stays float, with a warning.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {FORMATS}")
@@ -134,13 +138,13 @@ def quantize_linears(model: nn.Module, fmt: str, keep: Callable[[str], bool] = l
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if not isinstance(child, nn.Linear) or keep(name):
                 continue
-            if child.in_features % MULTIPLE[fmt]:
+            if child.in_features % MULTIPLE[fmt] or child.out_features % ROWS_MULTIPLE[fmt]:
                 kept.append(name)
                 continue
             weight, bias = (child.weight, child.bias) if source is None else source(name)
             setattr(parent, child_name, QuantizedLinear.from_float(weight, bias, fmt))
             done.append(name)
     if kept:
-        log.warning("%d linears stay float: %s needs in_features divisible by %d (%s)", len(kept), fmt,
-                    MULTIPLE[fmt], ", ".join(kept[:5]))
+        log.warning("%d linears stay float: %s needs in_features divisible by %d and out_features by %d (%s)",
+                    len(kept), fmt, MULTIPLE[fmt], ROWS_MULTIPLE[fmt], ", ".join(kept[:5]))
     return done
