@@ -179,10 +179,11 @@ def test_loading_is_lazy_shard_by_shard(tmp_path: Path, monkeypatch: pytest.Monk
     load_into(model, tmp_path / "ck")
     # one shard open at a time, each opened once, in order; at most one checkpoint tensor (plus its fp8 scale) is
     # held at any time and none outlives its shard. An eager loader (load_file every shard, then load_state_dict)
-    # holds all of them at once and fails this.
+    # holds all of them at once and fails this. (The weights themselves are read with pread, not through safe_open's
+    # mmap: what is counted here are the fp8 scales.)
     assert counter.max_open == 1
     assert counter.log == [(shard, 0) for shard in reader.shards]
-    assert counter.max_live == 2
+    assert 1 <= counter.max_live <= 2
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in sd.items() if "proj" not in k)
 

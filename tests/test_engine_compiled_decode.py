@@ -28,7 +28,8 @@ def _engine(model: K2ForCausalLM, compile_decode: bool, num_pages: int = 32) -> 
     return LLMEngine(model, config=config)
 
 
-def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, new: int = 20) -> None:
+def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, new: int = 20,
+                 atol: float = 1e-4) -> None:
     gen = torch.Generator().manual_seed(2)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=5)
     for n in PROMPT_LENGTHS:
@@ -38,7 +39,7 @@ def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, ne
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert [t for t, _ in x.top] == [t for t, _ in y.top]
             torch.testing.assert_close(torch.tensor([v for _, v in x.top]), torch.tensor([v for _, v in y.top]),
-                                       rtol=0, atol=1e-4)
+                                       rtol=0, atol=atol)
 
 
 def test_compiled_decode_equals_eager_engine() -> None:
@@ -67,7 +68,9 @@ def test_compiled_decode_of_quantized_weights_equals_eager(fmt: str) -> None:
     model = quantize_model(random_tiny_model(), fmt)
     compiled, eager = _engine(model, True), _engine(model, False)
     assert compiled.runner.decoder is not None
-    _assert_same(model, compiled, eager, new=10)
+    # int8 quantizes activations per call (Q8_0): a last-bit difference between the graph's and the eager norm can
+    # move one value across a rounding boundary (a logprob then differs by ~1e-2; seen with the Q8_0 embedding table)
+    _assert_same(model, compiled, eager, new=10, atol=1e-4 if fmt == "fp16" else 2e-2)
     assert compiled.runner.decoder.compile_seconds is not None
 
 

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -250,7 +250,7 @@ class CheckpointReader:
             todo = [n for n in self.names_in(shard) if names is None or n in names]
             if not todo:
                 continue
-            with self._open(shard) as f:
+            with self._open(shard) as f, open(self.directory / shard, "rb", buffering=0) as raw:
                 for name in todo:
                     # allocated before the temporaries of dequantization, so those are freed from the top of the
                     # heap (allocating them first fragmented glibc's heap and doubled the RSS of a model load)
@@ -258,9 +258,9 @@ class CheckpointReader:
                         self.shape(name), dtype=loaded_dtype(name, self.stored_dtype(name), dtype))
                     part = parts.get(name) if parts else None
                     try:
-                        t = self._read(f, shard, name, out) if part is None else \
+                        t = self._read(f, raw, shard, name, out) if part is None else \
                             self._read_part(f, shard, name, out, part)
-                    except SafetensorError as e:
+                    except (SafetensorError, OSError) as e:
                         raise CheckpointError(f"cannot read tensor {name} from {self.directory / shard}: {e}") from e
                     yield shard, name, t
 
@@ -273,15 +273,34 @@ class CheckpointReader:
         with f:
             yield f
 
-    def _read(self, f: Any, shard: str, name: str, out: torch.Tensor) -> torch.Tensor:
+    def _read(self, f: Any, raw: BinaryIO, shard: str, name: str, out: torch.Tensor) -> torch.Tensor:
         if name in self.int4:
             e = self.int4[name]
-            return int4.dequantize_int4(f.get_tensor(e.packed), self._companion(f, shard, e.scale), e.shape,
+            return int4.dequantize_int4(self._pread(raw, e.packed), self._companion(f, shard, e.scale), e.shape,
                                         self.int4_group, out=out)
-        t = f.get_tensor(name)  # a view of the file's mmap: copied into `out`, so the model owns its memory
-        if t.dtype != FP8_DTYPE:
-            return out.copy_(t)
-        return dequantize_block_fp8(t, self._scale(f, shard, name), self.block, out=out)
+        entry = self.info[name]
+        if entry.dtype == FP8_DTYPE:
+            return dequantize_block_fp8(self._pread(raw, name), self._scale(f, shard, name), self.block, out=out)
+        if out.dtype == entry.dtype and out.device.type == "cpu" and out.is_contiguous():
+            return self._pread(raw, name, out)
+        return out.copy_(self._pread(raw, name))
+
+    def _pread(self, raw: BinaryIO, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored tensor `name` read from the open shard `raw` with pread into `out` (or a new tensor): not through
+        the shard's mmap, whose pages would stay in the process's RSS until the shard is closed (a second copy of
+        every weight read from it, at the peak)."""
+        e = self.info[name]
+        if out is None:
+            out = torch.empty(e.shape, dtype=e.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            n = os.preadv(raw.fileno(), [view[done:]], e.begin + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.directory / self.weight_map[name]} ends inside tensor {name}: the file "
+                                      f"changed after its header was read")
+            done += n
+        return out
 
     def _read_part(self, f: Any, shard: str, name: str, out: torch.Tensor, part: Slice) -> torch.Tensor:
         dim, start, stop = part

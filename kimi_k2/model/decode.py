@@ -25,7 +25,7 @@ from ..ops.layout import fuse_columns, fused_view, pack_rows
 from ..ops.quantize import QuantizedLinear, linear
 from .functional import absorb, expert_mlp, latent_attention, rms_norm, route, routed_mixture, swiglu
 from .grouped_experts import GroupedExperts, expert_stacks, groupable
-from .layers import MLP
+from .layers import MLP, QuantizedEmbedding
 from .moe import MoE
 from .rope import apply_rotary_emb
 
@@ -45,6 +45,14 @@ def _linear(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) ->
     """x [B, K] -> [B, N] for a projection in either layout."""
     y = x @ w if isinstance(w, torch.Tensor) else linear(x, w.weight, w.scales)
     return y if bias is None else y + bias
+
+
+def _embed(w: torch.Tensor | Packed, tokens: torch.Tensor) -> torch.Tensor:
+    """The embedding rows of `tokens` in fp32 (a quantized table dequantizes only those rows)."""
+    if isinstance(w, torch.Tensor):
+        return w[tokens].float()
+    rows = w.weight[tokens]
+    return rows.float() if w.scales is None else kernels.dequantize_blocks(rows, w.scales[tokens])
 
 
 class DecodeStep:
@@ -70,7 +78,7 @@ class DecodeStep:
 
     def __call__(self, w: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor,
                  kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = w["embed"][tokens].float()  # [B, D]
+        x = _embed(w["embed"], tokens)  # [B, D]
         freqs = positions.float()[:, None] * w["inv_freq"]  # [B, rope/2]
         cos = (freqs.cos() * self.attention_factor)[:, None]  # [B, 1, rope/2]: one query position per sequence
         sin = (freqs.sin() * self.attention_factor)[:, None]
@@ -129,7 +137,8 @@ def check_decode_model(model: nn.Module) -> None:
         if isinstance(m, nn.Linear) and m.weight.dtype != torch.float32:
             raise ValueError(f"compiled decode supports float32 or quantized (--quantization) weights; {name} is "
                              f"{m.weight.dtype}")
-    if model.model.embed_tokens.weight.dtype != torch.float32:
+    embed = model.model.embed_tokens
+    if not isinstance(embed, QuantizedEmbedding) and embed.weight.dtype != torch.float32:
         raise ValueError(f"compiled decode supports float32 models only, this one is "
                          f"{model.model.embed_tokens.weight.dtype}")
     for i, layer in enumerate(model.model.layers):
@@ -154,6 +163,11 @@ def _float_rows(m: nn.Module) -> torch.Tensor:
     """kv_b_proj's weight [N, K] in fp32, which the latent attention absorbs: the model's own tensor, or an int8 / fp16
     one dequantized here, once per `decode_weights` (not in every step)."""
     return m.dequantized() if isinstance(m, QuantizedLinear) else m.weight.detach()
+
+
+def _rows(m: nn.Module) -> torch.Tensor | Packed:
+    """A projection's (or the embedding's) own weight, row-major [N, K]: fp32, or Packed."""
+    return Packed(m.weight, m.scales) if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) else m.weight.detach()
 
 
 def _fuse(linears: list[nn.Module]) -> None:
@@ -207,7 +221,7 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
             w["mlp"] = _mlp_weights(mlp)
         layers.append(w)
     m = model.model
-    return {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": _projection([model.lm_head]),
+    return {"embed": _rows(m.embed_tokens), "norm": m.norm.weight, "lm_head": _projection([model.lm_head]),
             "inv_freq": m.rotary.inv_freq, "layers": layers}
 
 

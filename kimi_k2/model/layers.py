@@ -1,10 +1,14 @@
-"""The two building blocks every K2 layer shares: RMSNorm and the SwiGLU feed-forward."""
+"""The two building blocks every K2 layer shares, RMSNorm and the SwiGLU feed-forward, and the token embedding."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..ops.kernels import dequantize_blocks
+from ..ops.quantize import MULTIPLE, quantize_int8
 from .functional import rms_norm, swiglu
 
 
@@ -22,6 +26,46 @@ class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+
+class QuantizedEmbedding(nn.Module):
+    """The embedding table held as int8 blocks + fp16 scales (Q8_0, `kimi_k2.ops.quantize`) or fp16, as llama.cpp
+    keeps token_embd in a Q8_0 / F16 file: a lookup dequantizes only the rows it reads -> fp32 [..., D]."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.fmt = "int8" if weight.dtype == torch.int8 else "fp16"
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, fmt: str) -> QuantizedEmbedding | None:
+        """`fmt` rows of the float table [V, D]; None when D is not a multiple of the format's block."""
+        if weight.shape[1] % MULTIPLE[fmt]:
+            return None
+        if fmt == "int8":
+            return cls(*quantize_int8(weight))
+        return cls(weight.detach().to(torch.float16).contiguous(), None)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedEmbedding:
+        """Device moves apply; dtype casts (`model.float()`) leave the stored format alone."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                if device != t.device:
+                    self._buffers[name] = t.to(device)
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids]
+        return rows.float() if self.scales is None else dequantize_blocks(rows, self.scales[ids])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
 
 
 class RMSNorm(nn.Module):

@@ -28,6 +28,7 @@ from .kernels import QK, RG, dequantize_blocks, pack_q8, unpack_q8
 FORMATS = ("int8", "fp16")
 MULTIPLE = {"int8": QK, "fp16": 8}  # in_features must be a multiple of this
 ROWS_MULTIPLE = {"int8": RG, "fp16": 1}  # and out_features of this
+QUANTIZE_CHUNK = 1 << 20  # weights per step of quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,20 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W [..., K] float -> (W_q int8 [..., K], d fp16 [..., K/32]) with W ~= W_q * d per block of 32 (Q8_0).
 
     d is rounded to fp16 first and W_q computed with the rounded scale, so |W - W_q d| <= d / 2 for every weight.
+    Rows are quantized QUANTIZE_CHUNK weights at a time: the fp32 temporaries are a few MiB, not copies of W (a 128 MiB
+    lm_head made ~500 MiB of them at load).
     """
-    blocks = weight.detach().float().unflatten(-1, (-1, QK))
-    d = (blocks.abs().amax(-1) / 127).half()
-    df = d.float()[..., None]
-    q = torch.where(df > 0, blocks / df, torch.zeros_like(blocks)).round_().clamp_(-127, 127)
-    return q.to(torch.int8).flatten(-2), d
+    w = weight.detach().reshape(-1, weight.shape[-1])
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    d = torch.empty(w.shape[0], w.shape[1] // QK, dtype=torch.float16, device=w.device)
+    step = max(1, QUANTIZE_CHUNK // max(1, w.shape[1]))
+    for i in range(0, w.shape[0], step):
+        blocks = w[i : i + step].float().unflatten(-1, (-1, QK))
+        d[i : i + step] = (blocks.abs().amax(-1) / 127).half()
+        df = d[i : i + step].float()[..., None]
+        q[i : i + step] = torch.where(df > 0, blocks / df, torch.zeros_like(blocks)).round_().clamp_(-127, 127)\
+            .flatten(-2)
+    return q.view(weight.shape), d.view(*weight.shape[:-1], weight.shape[-1] // QK)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
