@@ -1,7 +1,8 @@
-"""`EngineConfig(compile_decode=True)`: single-stream decode through the torch.compile'd `DecodeStep` gives the eager
-engine's greedy tokens and logprobs, follows weight changes, and refuses models it cannot run.
+"""`EngineConfig(compile_decode=True)`: decode steps (one sequence or a batch) through the torch.compile'd `DecodeStep`
+give the eager engine's greedy tokens and logprobs, follow weight changes, and refuse models they cannot run.
 
-The default run compiles once (k2-tiny, ~15-30 s on a 2-core CPU); the config variants are `slow` (one compile each).
+The default run compiles the two graphs once (k2-tiny, ~20-40 s on a 2-core CPU); the config variants are `slow` (one
+compile each).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def test_compiled_decode_equals_eager_engine() -> None:
     model = random_tiny_model()
     compiled, eager = _engine(model, True), _engine(model, False)
     _assert_same(model, compiled, eager)
-    assert compiled.runner.decoder.compile_seconds is not None  # the compiled graph did run
+    assert set(compiled.runner.decoder.compile_seconds) == {False, True}  # both graphs were built
     with torch.no_grad():  # in-place weight updates reach the compiled path (packed experts, fused views) ...
         model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
         model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
         shared = model.model.layers[1].mlp.shared_experts.down_proj  # ... and so does a replaced tensor
         shared.weight = torch.nn.Parameter(shared.weight * -2.0)
     _assert_same(model, compiled, eager, new=6)
-    # a pool of another size, and a batch (eager steps) next to single streams, on the same graph
+    # a pool of another size, and a batch next to single streams, on the same graphs
     other = _engine(model, True, num_pages=40)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [[3, 4, 5], list(range(2, 30))]
@@ -71,7 +72,7 @@ def test_compiled_decode_of_quantized_weights_equals_eager(fmt: str) -> None:
     # int8 quantizes activations per call (Q8_0): a last-bit difference between the graph's and the eager norm can
     # move one value across a rounding boundary (a logprob then differs by ~1e-2; seen with the Q8_0 embedding table)
     _assert_same(model, compiled, eager, new=10, atol=1e-4 if fmt == "fp16" else 2e-2)
-    assert compiled.runner.decoder.compile_seconds is not None
+    _assert_batch_same(model, compiled, eager)
 
 
 def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
@@ -86,9 +87,36 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
         latents = compiled.pool.kv[:, 1 * 16 + 5].clone()
         if runner is eager:
             reference, reference_latents = logits, latents
-    assert compiled.decoder.compile_seconds is not None
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
     torch.testing.assert_close(latents, reference_latents, rtol=0, atol=1e-5)
+
+
+def _assert_batch_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine) -> None:
+    """A batch of prompts of different lengths (page boundaries, a 1-token prompt) with different max_tokens, so the
+    decode batch shrinks from 5 sequences to 1 as they finish: each gets its single-stream eager tokens, and no decode
+    step of the compiled engine runs the eager model."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+    single = [eager.generate([p], q)[0][0].token_ids for p, q in zip(prompts, params, strict=True)]
+    eager_steps: list[int] = []
+    model_forward = compiled.runner.model.model.forward
+
+    def spy(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        eager_steps.append(input_ids.shape[1])
+        return model_forward(input_ids, *args, **kwargs)
+
+    compiled.runner.model.model.forward = spy
+    try:
+        assert [r[0].token_ids for r in compiled.generate(prompts, params)] == single
+    finally:
+        del compiled.runner.model.model.forward
+    assert eager_steps and all(s > 1 for s in eager_steps), f"a decode step ran the eager model: {eager_steps}"
+
+
+def test_compiled_decode_of_batches_equals_single_streams() -> None:
+    model = random_tiny_model()
+    _assert_batch_same(model, _engine(model, True), _engine(model, False))
 
 
 def test_compile_decode_falls_back_to_eager_for_unsupported_models(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,12 +1,14 @@
-"""Compiled single-stream decode (`EngineConfig(compile_decode=True)`, on by default in `kimi-k2 serve/generate`).
+"""Compiled decode (`EngineConfig(compile_decode=True)`, on by default in `kimi-k2 serve/generate`).
 
-A step whose whole batch is one sequence computing one token runs `kimi_k2.model.decode.DecodeStep` as one
-torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the same functions in a few fused C++ loops
-and BLAS calls instead of ~80 eager ops per layer. The graph reads the latent page pool through the sequence's pages;
-their number and the pool's size are its only dynamic sizes (at least 2 pages are passed, so it never specializes),
-so it compiles once per process and model config, at engine start-up (`warm_up`), and inductor's on-disk caches
-(FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. This token's latents come back
-out and are stored here. Every other step (prefill, batches) runs the eager model.
+A step whose rows each compute one token (a decode step, of one sequence or a batch of them) runs
+`kimi_k2.model.decode.DecodeStep` as one torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the
+same functions in a few fused C++ loops and BLAS calls instead of ~80 eager ops per layer. The graph reads the latent
+page pool through each sequence's pages. Two graphs per process and model config, both compiled at engine start-up
+(`warm_up`): one for a single sequence (batch fixed at 1, what single-stream latency needs), one for batches whose
+size B >= 2 is a dynamic size, so every batch up to max_num_seqs shares it. Their other dynamic sizes are the number
+of pages (the longest context of the batch; at least 2 are passed, so it never specializes) and the pool's size.
+Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. The
+step's latents come back out and are stored here. Prefill chunks run the eager model.
 
 The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
 transposed, the routed experts stacked; each module's weight becomes a view), so the graph reads them without a second
@@ -22,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._dynamo.types import GuardFilterEntry
 
 from kimi_k2.config import K2Config
 from kimi_k2.engine.paged_cache import LatentPool, Row
@@ -43,16 +46,26 @@ def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
     return None
 
 
+def tensor_guards(entries: list[GuardFilterEntry]) -> list[bool]:
+    """Of dynamo's guards keep those that say which graph a call may run: on each tensor (dtype, device, static sizes
+    and strides: the inputs, and every weight, which also tells a quantized model's `Packed` tuples from an fp32
+    tensor), the shape relations (the batch size: 1 for one graph, >= 2 for the other) and the DecodeStep's config
+    constants; drop the rest on the weight dict (its structure and each value's type, which the tensor guards imply)
+    and on module globals, which nothing rebinds. Their check cost ~0.4 ms of a ~3.5 ms k2-small step."""
+    return [not (e.is_global or e.name.startswith("args[0]") and e.guard_type != "TENSOR_MATCH") for e in entries]
+
+
 _COMPILED: dict[tuple[str, float, int], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> Callable[..., tuple[torch.Tensor,
                                                                                                   torch.Tensor]]:
-    """One torch.compile'd DecodeStep per model config and page size in this process: later engines reuse its graph."""
+    """One torch.compile'd DecodeStep per model config and page size in this process: later engines reuse its graphs
+    (one for a single sequence, one for batches)."""
     key = (json.dumps(config.to_dict(), sort_keys=True), attention_factor, page_size)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True,
-                                       dynamic=False, options={"cpp_wrapper": True})
+        _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True, dynamic=False,
+                                       options={"cpp_wrapper": True, "guard_filter_fn": tensor_guards})
     return _COMPILED[key]
 
 
@@ -64,7 +77,8 @@ class CompiledDecoder:
         self.model, self.pool = model, pool
         prepare_decode_layout(model)
         self.step = compiled_step(model.config, model.model.rotary.attention_factor, pool.page_size)
-        self.compile_seconds: float | None = None  # wall time of the first call (trace + inductor + C++ build)
+        # wall time of each graph's first call (trace, inductor, C++ build): False one sequence, True batches
+        self.compile_seconds: dict[bool, float] = {}
         self._watched: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, int]] = []
         self._weights: DecodeWeights | None = None
 
@@ -84,30 +98,42 @@ class CompiledDecoder:
             self._snapshot()
         return self._weights
 
-    def _run(self, token: int, pos: int, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+        """One token of each of B sequences -> (logits [B, vocab], latents [L, B, C + R])."""
         ps = self.pool.page_size
-        n = max(-(-pos // ps), 2)  # the pages holding the cached tokens, padded with page 0 (masked) to >= 2
-        pages = torch.tensor([block_table[:n] + [0] * (n - len(block_table[:n]))])  # [1, n]
-        args = (self.weights(), torch.tensor([token]), torch.tensor([pos]), pages, self.pool.kv)
-        if self.compile_seconds is not None:
+        n = max(-(-max(positions) // ps), 2)  # pages holding the longest context, padded with page 0 (masked) to >= 2
+        pages = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables])  # [B, n]
+        token_ids, pos = torch.tensor(tokens), torch.tensor(positions)
+        batched = len(tokens) > 1
+        args = (self.weights(), token_ids, pos, pages, self.pool.kv)
+        if batched in self.compile_seconds:
             return self.step(*args)
         torch._dynamo.mark_dynamic(pages, 1)
         torch._dynamo.mark_dynamic(self.pool.kv, 1)  # pools of any size share the graph
+        if batched:
+            for t in (token_ids, pos, pages):
+                torch._dynamo.mark_dynamic(t, 0)  # B >= 2: dynamo assumes sizes are not 0 or 1
         start = time.perf_counter()
         out = self.step(*args)
-        self.compile_seconds = time.perf_counter() - start
+        self.compile_seconds[batched] = time.perf_counter() - start
         return out
 
     def warm_up(self) -> None:
-        """Compile now (a token at position 0 over page 0; nothing is stored), not on the first request."""
+        """Compile both graphs now (tokens at position 0 over page 0; nothing is stored), not on the first request."""
         with torch.inference_mode():
-            self._run(0, 0, [0])
-        log.info("compiled decode ready: first call (trace, inductor, C++ build or cache hit) took %.1f s",
-                 self.compile_seconds)
+            self._run([0], [0], [[0]])
+            self._run([0, 0], [0, 0], [[0], [0]])
+        log.info("compiled decode ready: first calls (trace, inductor, C++ build or cache hit) took %.1f s (1 "
+                 "sequence) and %.1f s (batches)", self.compile_seconds[False], self.compile_seconds[True])
 
-    def __call__(self, row: Row) -> torch.Tensor:
-        """Compute row's one token and store its latents -> fp32 logits [1, vocab]."""
-        ps, pos = self.pool.page_size, row.num_computed_tokens
-        logits, latents = self._run(row.input_ids[0], pos, row.block_table)
-        self.pool.kv[:, row.block_table[pos // ps] * ps + pos % ps] = latents[:, 0]
-        return logits
+    def __call__(self, rows: list[Row]) -> torch.Tensor:
+        """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab]."""
+        ps = self.pool.page_size
+        positions = [r.num_computed_tokens for r in rows]
+        logits, latents = self._run([r.input_ids[0] for r in rows], positions, [r.block_table for r in rows])
+        slots = torch.tensor([r.block_table[p // ps] * ps + p % ps for r, p in zip(rows, positions, strict=True)])
+        self.pool.kv.index_copy_(1, slots, latents)
+        if all(r.last for r in rows):
+            return logits
+        return logits[torch.tensor([b for b, r in enumerate(rows) if r.last], dtype=torch.long)]

@@ -30,7 +30,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + completion; None: config.max_position_embeddings
     enable_prefix_caching: bool = True
     dtype: torch.dtype | None = None  # cache dtype; None: the model's
-    # single-stream decode steps through one torch.compile'd graph (float32 models; compiles on first use)
+    # decode steps (one sequence or a batch) through torch.compile'd graphs (fp32 or quantized; built at start-up)
     compile_decode: bool = False
     # attention over the latent pages in decode steps: "torch" or "triton" (`paged_cache`); None: triton on CUDA
     attention_backend: str | None = None

@@ -4,7 +4,7 @@ both through the paged latent cache; logits only for the sequences whose last to
 `run` turns the scheduled sequences into plain `Row`s and hands them to `forward_fn`: `forward` in this process, or,
 when the model is split over ranks (`kimi-k2 serve --ep N`), `DistributedRunner.step`, which broadcasts the rows so
 every rank runs `forward` in lockstep on its own copy of the page pool. Sampling stays with the caller.
-With a `CompiledDecoder` (`EngineConfig.compile_decode`, the CPU), a group of one decode row runs through it instead;
+With a `CompiledDecoder` (`EngineConfig.compile_decode`, the CPU), a group of decode rows runs through it instead;
 with `DecodeGraphs` (`EngineConfig.cuda_graphs`, CUDA) a group of decode rows replays the graph of its batch bucket.
 A model they cannot serve, or a compile or capture that fails, falls back to the eager model with a logged warning.
 Every tensor a step makes is made on the pool's device (the model's): the host sends token ids and positions, and
@@ -95,8 +95,8 @@ class ModelRunner:
         return torch.cat([self._forward(rows) for rows in groups])
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
-        if self.decoder is not None and len(rows) == 1 and len(rows[0].input_ids) == 1 and rows[0].last:
-            return self.decoder(rows[0])
+        if self.decoder is not None and all(len(r.input_ids) == 1 for r in rows):
+            return self.decoder(rows)
         if self.graphs is not None and (logits := self.graphs(rows)) is not None:
             return logits
         cache = PagedLatentCache(self.pool, rows)
