@@ -71,8 +71,9 @@ def test_ep_without_torchrun_or_with_the_wrong_world_says_how_to_launch(model_di
     assert "argument --ep: must be >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("layout", [["--ep", "2"], ["--tensor-parallel-size", "2", "--enable-expert-parallel"]],
-                         ids=["ep2", "tp2-ep"])
+# --ep over torchrun in the default run: test_deploy_expert_parallel's `generate --ep 2`
+@pytest.mark.parametrize("layout", [pytest.param(["--ep", "2"], marks=pytest.mark.slow),
+                                    ["--tensor-parallel-size", "2", "--enable-expert-parallel"]], ids=["ep2", "tp2-ep"])
 def test_serve_over_two_ranks_matches_one_process_and_stops_on_sigterm_to_rank0(model_dir, reference, tmp_path,
                                                                                layout):
     port = free_port()
