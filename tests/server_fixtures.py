@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 
@@ -45,6 +47,21 @@ def make_state(model_dir: Path, api_key: str | None = API_KEY, default_max_token
     limits = limits or ServerLimits()
     return ServerState(AsyncLLMEngine(engine, limits.max_queued_requests), tok, ALIASES, model.config.vocab_size,
                        api_key, default_max_tokens, limits, public_metrics, reasoning)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url`/health until it answers 200; AssertionError if `proc` ends or `timeout` seconds pass first. One
+    client for all polls: a fresh one per poll (`httpx.get`) costs ~60 ms of CPU setting up TLS."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
 
 
 def free_port() -> int:

@@ -110,8 +110,10 @@ def run_ep(checkpoint, nproc: int, tp: bool) -> list[dict]:
     return sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda r: r["prompt"])
 
 
+# 4 ranks with the heads split (shard_experts + shard_attention) in the default run: test_parallel_tensor's [4-True]
 @pytest.mark.parametrize(("nproc", "tp"), [pytest.param(1, False, marks=pytest.mark.slow), (2, False),
-                                           pytest.param(4, False, marks=pytest.mark.slow), (4, True)])
+                                           pytest.param(4, False, marks=pytest.mark.slow),
+                                           pytest.param(4, True, marks=pytest.mark.slow)])
 def test_expert_parallel_greedy_output_matches_one_process(checkpoint, reference, nproc, tp):
     """The engine over 1, 2 or 4 ranks (experts, and with tp attention heads, split) generates the unsharded model's
     greedy tokens with its log-probabilities. (Which tensors a rank reads: the in-process test above.)"""

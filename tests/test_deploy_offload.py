@@ -37,7 +37,8 @@ def dense(checkpoint):
     return K2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("cache_experts", [0, 5])
+# no cache (the default) in the default run: [5] and test_offloaded_model_serves_through_the_engine
+@pytest.mark.parametrize("cache_experts", [pytest.param(0, marks=pytest.mark.slow), 5])
 def test_offloaded_logits_equal_the_loaded_fp8_model(checkpoint, dense, cache_experts):
     model = load_offloaded(checkpoint, dtype=torch.float32, cache_experts=cache_experts)
     ids = torch.randint(0, CONFIG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))

@@ -1,6 +1,9 @@
 """FSDP2 (+ expert parallel) training through the real CLI under `torchrun` (gloo, CPU) against one process, and
 resuming its sharded checkpoints on the same and on other world sizes.
 
+The default run trains on 2 ranks (FSDP2 with the experts split 2 ways); the 4-rank layouts (experts sharded over a
+2-D mesh) run with --run-slow. FSDP2 + EP on 4 ranks in the default run: tests/test_fsdp.py.
+
 Every run has the same global batch (8 rows: micro_batch x grad_accum x ranks) and checkpoints at step 3 of 6.
 Bounds: across layouts the reductions sum in other orders, so losses agree to rel 1e-4 and weights to 1e-3 (the
 existing DDP bound); a resume on the same layout reproduces the run bit for bit.
@@ -24,6 +27,7 @@ STEPS, CKPT = 6, 3
 LAYOUTS = {  # name -> (ranks, grad_accum, extra overrides)
     "one": (1, 4, []),
     "fsdp2": (2, 2, ["--set", "parallel.dp_shard=2"]),
+    "fsdp2_ep2": (2, 2, ["--set", "parallel.dp_shard=2", "--set", "parallel.ep=2"]),
     "fsdp4_ep2": (4, 1, ["--set", "parallel.dp_shard=4", "--set", "parallel.ep=2"]),
     "fsdp4_ep4": (4, 1, ["--set", "parallel.dp_shard=-1", "--set", "parallel.ep=4"]),
 }
@@ -75,75 +79,83 @@ def resume_from_step(src: Path, dst: Path) -> Path:
     return dst
 
 
+class Runs:
+    """The 6-step run of each layout, trained once per module when a test first asks for it."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.tokens, self.done = tmp, make_tokens(tmp / "tokens.npy"), {}
+
+    def __getitem__(self, layout: str) -> Path:
+        if layout not in self.done:
+            train(self.tmp / layout, self.tokens, layout)
+            self.done[layout] = self.tmp / layout
+        return self.done[layout]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    tokens = make_tokens(tmp / "tokens.npy")
-    out = {"tokens": tokens, "tmp": tmp}
-    for layout in ("one", "fsdp4_ep2"):
-        train(tmp / layout, tokens, layout)
-        out[layout] = tmp / layout
-    return out
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("fsdp"))
 
 
-def test_fsdp2_with_expert_parallel_on_four_ranks_matches_one_process(runs):
-    log = read_log(runs["fsdp4_ep2"])
+FSDP_EP = [pytest.param("fsdp2_ep2", id="2ranks"), pytest.param("fsdp4_ep2", id="4ranks", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("layout", FSDP_EP)
+def test_fsdp2_with_expert_parallel_matches_one_process(runs, layout):
+    nproc, _, _ = LAYOUTS[layout]
+    log = read_log(runs[layout])
     assert_close_runs(log, read_log(runs["one"]))
-    assert log[0]["layout"] == {"layout": "fsdp2", "dp_shard": 4, "ep": 2, "param_dtype": "float32"}
-    memory = log[0]["memory"]  # every rank holds a quarter of parameters + gradients + optimizer state
-    assert len(memory) == 4 and all(m["held"] <= 1.1 * m["total"] / 4 for m in memory)
+    assert log[0]["layout"] == {"layout": "fsdp2", "dp_shard": nproc, "ep": 2, "param_dtype": "float32"}
+    memory = log[0]["memory"]  # every rank holds 1/N of parameters + gradients + optimizer state
+    assert len(memory) == nproc and all(m["held"] <= 1.1 * m["total"] / nproc for m in memory)
     assert all(m["held"] + m["ns_gathered"] <= 1.1 * m["sharded_target"] for m in memory)
-    one, four = weights(runs["one"]), weights(runs["fsdp4_ep2"])
-    assert one.keys() == four.keys()
+    one, sharded = weights(runs["one"]), weights(runs[layout])
+    assert one.keys() == sharded.keys()
     for name in one:
-        torch.testing.assert_close(four[name], one[name], rtol=1e-3, atol=1e-5)
-    ckpt = runs["fsdp4_ep2"] / "checkpoints" / f"step_{STEPS:08d}"
-    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata"] + [f"__{r}_0.distcp" for r in range(4)] + [
+        torch.testing.assert_close(sharded[name], one[name], rtol=1e-3, atol=1e-5)
+    ckpt = runs[layout] / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata"] + [f"__{r}_0.distcp" for r in range(nproc)] + [
         "state.pt"]
 
 
-def test_resume_on_the_same_layout_is_bitwise(runs):
-    out = resume_from_step(runs["fsdp4_ep2"], runs["tmp"] / "again4")
-    log = train(out, runs["tokens"], "fsdp4_ep2")
+@pytest.mark.parametrize("layout", FSDP_EP)
+def test_resume_on_the_same_layout_is_bitwise(runs, layout):
+    out = resume_from_step(runs[layout], runs.tmp / f"again_{layout}")
+    log = train(out, runs.tokens, layout)
     strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
-    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_log(runs["fsdp4_ep2"])]
-    want = weights(runs["fsdp4_ep2"])
+    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_log(runs[layout])]
+    want = weights(runs[layout])
     assert all(torch.equal(t, want[n]) for n, t in weights(out).items())
 
 
-def test_resume_four_ranks_checkpoint_on_two(runs):
-    out = resume_from_step(runs["fsdp4_ep2"], runs["tmp"] / "four_to_two")
-    log = train(out, runs["tokens"], "fsdp2")
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, STEPS + 1))
-    assert_close_runs(log, read_log(runs["fsdp4_ep2"]))
-
-
 def test_a_resume_with_another_global_batch_is_refused(runs, tmp_path):
-    out = resume_from_step(runs["fsdp4_ep2"], tmp_path / "other_batch")
-    cmd = command(out, runs["tokens"], "one")
+    out = resume_from_step(runs["fsdp2_ep2"], tmp_path / "other_batch")
+    cmd = command(out, runs.tokens, "one")
     cmd[cmd.index("train.grad_accum=4")] = "train.grad_accum=2"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 1 and "global batch of 8 rows; this run's is 4" in proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("src, dst", [("fsdp4_ep2", "one"), ("one", "fsdp4_ep4"), ("fsdp4_ep2", "fsdp4_ep4")])
+@pytest.mark.parametrize("src, dst", [("fsdp2_ep2", "one"), *(pytest.param(*p, marks=pytest.mark.slow) for p in [
+    ("fsdp4_ep2", "fsdp2"), ("fsdp4_ep2", "one"), ("one", "fsdp4_ep4"), ("fsdp4_ep2", "fsdp4_ep4")])])
 def test_resume_across_world_sizes_and_expert_layouts(runs, src, dst):
-    out = resume_from_step(runs[src], runs["tmp"] / f"{src}_to_{dst}")
-    assert_close_runs(train(out, runs["tokens"], dst), read_log(runs[src]))
+    out = resume_from_step(runs[src], runs.tmp / f"{src}_to_{dst}")
+    log = train(out, runs.tokens, dst)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, STEPS + 1))
+    assert_close_runs(log, read_log(runs[src]))
 
 
 @pytest.mark.slow
 def test_fsdp2_on_two_ranks_matches_one_process(runs):
-    assert_close_runs(train(runs["tmp"] / "fsdp2", runs["tokens"], "fsdp2"), read_log(runs["one"]))
+    assert_close_runs(read_log(runs["fsdp2"]), read_log(runs["one"]))
 
 
 @pytest.mark.slow
 def test_sigkill_of_every_rank_mid_run_then_resume_is_bitwise(runs):
     """Kill all four ranks at once while they write a checkpoint or train past it; the rerun must not pick up a half
     checkpoint and must redo the lost steps exactly."""
-    out = runs["tmp"] / "killed"
-    proc = subprocess.Popen(command(out, runs["tokens"], "fsdp4_ep2"), env=ENV, stdout=subprocess.DEVNULL,
+    out = runs.tmp / "killed"
+    proc = subprocess.Popen(command(out, runs.tokens, "fsdp4_ep2"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -153,7 +165,7 @@ def test_sigkill_of_every_rank_mid_run_then_resume_is_bitwise(runs):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    train(out, runs["tokens"], "fsdp4_ep2")
+    train(out, runs.tokens, "fsdp4_ep2")
     want = weights(runs["fsdp4_ep2"])
     assert all(torch.equal(t, want[n]) for n, t in weights(out).items())
 
@@ -163,8 +175,8 @@ def test_fine_tuning_from_an_export_loads_shards_and_matches_one_process(runs):
     init = ["--set", f"model.init_from={json.dumps(str(runs['one'] / 'final'))}", "--set", "schedule.warmup_steps=0"]
     logs = []
     for layout in ("one", "fsdp4_ep2"):
-        out = runs["tmp"] / f"finetune_{layout}"
-        cmd = command(out, runs["tokens"], layout) + init
+        out = runs.tmp / f"finetune_{layout}"
+        cmd = command(out, runs.tokens, layout) + init
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         logs.append(read_log(out))

@@ -310,6 +310,7 @@ def _dp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # the same QKClip.apply max over ranks in the default run: test_fsdp.py's check_muonclip
 def test_data_parallel_ranks_clip_with_the_global_max(tmp_path):
     torch.multiprocessing.spawn(_dp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

@@ -9,13 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from server_fixtures import free_port
+from server_fixtures import free_port, wait_until_healthy
 from test_hub import write_cache
 from thinking_fixtures import LOOKUP_SCRIPT, LOOKUP_TOOLS, make_scripted_thinking_dir
 
@@ -91,13 +89,7 @@ def test_guide_command_serves_a_hub_repo_offline(k2_tokenizer_dir: Path, tmp_pat
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(url, proc)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         card = client.models.retrieve("kimi-k2")
         assert card.id == "kimi-k2" and card.max_model_len == 1024

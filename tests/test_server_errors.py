@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
-from server_fixtures import API_KEY, MODEL, ServerThread, free_port, make_model_dir, make_state
+from server_fixtures import API_KEY, MODEL, ServerThread, free_port, make_model_dir, make_state, wait_until_healthy
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -168,13 +167,7 @@ def test_serve_command_runs_and_stops_on_sigterm(model_dir):
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(url, proc)
         models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [(MODEL, 512)]
         r = httpx.post(url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=60)

@@ -3,7 +3,8 @@ answer conforms to the schema (documented status, content type, headers and body
 refused. (Not checked: that every schema-valid request is served; a prompt longer than the context or a tool result
 answering no tool call is valid JSON and still a 400.) The CLI run against `kimi-k2 serve` is in benchmarks/README.md.
 
-The default run is bounded (6 examples per operation, ~40 in all); `--run-slow` runs a bigger one.
+The default run is a smoke (6 fuzzed examples per operation); `--run-slow` adds schemathesis' coverage phase (its
+boundary and negative cases) and 150 examples per operation.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ def server(k2_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_schema(server):
+    """The smoke: schemathesis' explicit-example and fuzzing phases (its coverage phase, every operation's boundary
+    and negative cases, runs with the long test)."""
+    api = schemathesis.openapi.from_url(server + "/openapi.json")
+    api.config.phases.coverage.enabled = False
+    return api
+
+
+@pytest.fixture(scope="module")
+def full_api_schema(server):
     return schemathesis.openapi.from_url(server + "/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+full_schema = schemathesis.pytest.from_fixture("full_api_schema")
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]
@@ -75,7 +86,7 @@ def test_fuzz_no_server_errors(case):
 
 
 @pytest.mark.slow
-@schema.parametrize()
+@full_schema.parametrize()
 @settings(max_examples=150, **SETTINGS)
 def test_fuzz_no_server_errors_long(case):
     case.call_and_validate(headers=AUTH, checks=CHECKS, timeout=60)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -49,6 +50,7 @@ def worker() -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # the same shard_experts through the trainer: test_train_distributed's [expert_parallel]
 def test_expert_parallel_matches_full_moe_on_two_ranks():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
