@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..ops.kernels import dequantize_blocks
-from ..ops.quantize import MULTIPLE, quantize_int8
+from ..ops.quantize import MULTIPLE, QuantizedBuffers, quantize_int8
 from .functional import rms_norm, swiglu
 
 
@@ -28,7 +26,7 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(QuantizedBuffers):
     """The embedding table held as int8 blocks + fp16 scales (Q8_0, `kimi_k2.ops.quantize`) or fp16, as llama.cpp
     keeps token_embd in a Q8_0 / F16 file: a lookup dequantizes only the rows it reads -> fp32 [..., D]."""
 
@@ -50,15 +48,6 @@ class QuantizedEmbedding(nn.Module):
         if fmt == "int8":
             return cls(*quantize_int8(weight))
         return cls(weight.detach().to(torch.float16).contiguous(), None)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedEmbedding:
-        """Device moves apply; dtype casts (`model.float()`) leave the stored format alone."""
-        for name, t in self._buffers.items():
-            if t is not None:
-                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
-                if device != t.device:
-                    self._buffers[name] = t.to(device)
-        return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight[ids]

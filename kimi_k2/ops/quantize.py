@@ -75,7 +75,20 @@ def float_weight(m: nn.Module) -> torch.Tensor:
     return m.weight
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedBuffers(nn.Module):
+    """A module whose weights are quantized buffers: device moves apply; dtype casts (`model.float()`, `.half()`)
+    leave the stored format alone."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedBuffers:
+        for name, t in self._buffers.items():
+            if t is not None:
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                if device != t.device:
+                    self._buffers[name] = t.to(device)
+        return self
+
+
+class QuantizedLinear(QuantizedBuffers):
     """y = x W^T + b with W held as int8 blocks (+ fp16 scales) or fp16; x and y are fp32 (any leading dims)."""
 
     weight: torch.Tensor
@@ -102,15 +115,6 @@ class QuantizedLinear(nn.Module):
         if fmt == "int8":
             return cls(*pack_q8(*quantize_int8(weight)), b)
         return cls(weight.detach().to(torch.float16).contiguous(), None, b)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
-        """Device moves apply; dtype casts (`model.float()`, `.half()`) leave the stored format alone."""
-        for name, t in self._buffers.items():
-            if t is not None:
-                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
-                if device != t.device:
-                    self._buffers[name] = t.to(device)
-        return self
 
     @property
     def weight_bytes(self) -> int:
