@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels' CPU tests run them interpreted, and triton picks interpreter or compiler when triton.language
+    # is first imported, which torch.compile's dynamic-shape graphs may do before those tests: choose it up front.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
