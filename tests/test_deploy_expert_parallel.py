@@ -53,9 +53,9 @@ def test_a_rank_reads_only_its_experts_and_the_replicated_tensors(checkpoint, mo
     read: list[str] = []
     real_read = CheckpointReader._read
 
-    def spy(self, f, shard, name, out):
+    def spy(self, f, raw, shard, name, out):
         read.append(name)
-        return real_read(self, f, shard, name, out)
+        return real_read(self, f, raw, shard, name, out)
 
     monkeypatch.setattr(CheckpointReader, "_read", spy)
     model, reported = load_expert_parallel(checkpoint, rank=1, world=2, dtype=torch.float32)
