@@ -64,6 +64,9 @@ def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> 
     (one for a single sequence, one for batches)."""
     key = (json.dumps(config.to_dict(), sort_keys=True), attention_factor, page_size)
     if key not in _COMPILED:
+        # every DecodeStep shares one code object, and each config, weight format and batch graph is one entry of
+        # dynamo's cache for it: past the default limit (8) a new model in this process would fail to compile
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True, dynamic=False,
                                        options={"cpp_wrapper": True, "guard_filter_fn": tensor_guards})
     return _COMPILED[key]
