@@ -25,7 +25,7 @@ from ..ops.layout import fuse_columns, fused_view, pack_rows
 from ..ops.quantize import QuantizedLinear, linear
 from .functional import absorb, expert_mlp, latent_attention, rms_norm, route, routed_mixture, swiglu
 from .grouped_experts import GroupedExperts, expert_stacks, groupable
-from .layers import MLP, QuantizedEmbedding
+from .layers import MLP, QuantizedEmbedding, embedding_rows
 from .moe import MoE
 from .rope import apply_rotary_emb
 
@@ -49,10 +49,7 @@ def _linear(x: torch.Tensor, w: Projection, bias: torch.Tensor | None = None) ->
 
 def _embed(w: torch.Tensor | Packed, tokens: torch.Tensor) -> torch.Tensor:
     """The embedding rows of `tokens` in fp32 (a quantized table dequantizes only those rows)."""
-    if isinstance(w, torch.Tensor):
-        return w[tokens].float()
-    rows = w.weight[tokens]
-    return rows.float() if w.scales is None else kernels.dequantize_blocks(rows, w.scales[tokens])
+    return embedding_rows(w, None, tokens) if isinstance(w, torch.Tensor) else embedding_rows(*w, tokens)
 
 
 class DecodeStep:
@@ -165,9 +162,9 @@ def _float_rows(m: nn.Module) -> torch.Tensor:
     return m.dequantized() if isinstance(m, QuantizedLinear) else m.weight.detach()
 
 
-def _rows(m: nn.Module) -> torch.Tensor | Packed:
-    """A projection's (or the embedding's) own weight, row-major [N, K]: fp32, or Packed."""
-    return Packed(m.weight, m.scales) if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) else m.weight.detach()
+def _embedding(m: nn.Module) -> torch.Tensor | Packed:
+    """The embedding table [V, D]: fp32, or a QuantizedEmbedding's Packed buffers."""
+    return Packed(m.weight, m.scales) if isinstance(m, QuantizedEmbedding) else m.weight.detach()
 
 
 def _fuse(linears: list[nn.Module]) -> None:
@@ -221,7 +218,7 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
             w["mlp"] = _mlp_weights(mlp)
         layers.append(w)
     m = model.model
-    return {"embed": _rows(m.embed_tokens), "norm": m.norm.weight, "lm_head": _projection([model.lm_head]),
+    return {"embed": _embedding(m.embed_tokens), "norm": m.norm.weight, "lm_head": _projection([model.lm_head]),
             "inv_freq": m.rotary.inv_freq, "layers": layers}
 
 

@@ -26,6 +26,12 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+def embedding_rows(table: torch.Tensor, scales: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of an embedding table in fp32: an fp32 / fp16 table as stored, int8 blocks times their scales."""
+    rows = table[ids]
+    return rows.float() if scales is None else dequantize_blocks(rows, scales[ids])
+
+
 class QuantizedEmbedding(QuantizedBuffers):
     """The embedding table held as int8 blocks + fp16 scales (Q8_0, `kimi_k2.ops.quantize`) or fp16, as llama.cpp
     keeps token_embd in a Q8_0 / F16 file: a lookup dequantizes only the rows it reads -> fp32 [..., D]."""
@@ -50,8 +56,7 @@ class QuantizedEmbedding(QuantizedBuffers):
         return cls(weight.detach().to(torch.float16).contiguous(), None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids]
-        return rows.float() if self.scales is None else dequantize_blocks(rows, self.scales[ids])
+        return embedding_rows(self.weight, self.scales, ids)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
