@@ -55,6 +55,8 @@ QUICK: dict[str, tuple[dict[str, list[str]], list[str]]] = {
     "chat": ({"--max-tokens": ["4"]}, []),
     "eval": ({"-k": ["1"], "--max-tokens": ["8"], "--max-steps": ["2"]}, ["--limit", "1", "--out", "eval_results"]),
 }
+# a random-weight preset as MODEL -> the smallest one: the same code, and the compiled graphs test_engine_cli uses
+SMALLER_PRESET = {"k2-small": "k2-tiny"}
 PARSE_ONLY = {"serve"}  # runs until stopped: tests/test_server_errors.py runs it as a process
 
 
@@ -197,6 +199,7 @@ def test_readme_command(line, workspace, monkeypatch, capsys):
         return
     assert key in QUICK, f"README shows `kimi-k2 {key}`: add how to run it small to QUICK (or PARSE_ONLY)"
     values, extra = QUICK[key]
+    args = [SMALLER_PRESET.get(a, a) for a in args]
     for flag, v in values.items():
         args = _set(args, flag, v)
     args += extra
@@ -274,7 +277,9 @@ def test_usage_errors_exit_2_and_name_the_problem(capsys):
     for argv, says in ((["nope"], "invalid choice: 'nope'"), ([], "required: COMMAND"),
                        (["info"], "required: MODEL"), (["generate", "k2-tiny"], "one of the arguments --prompt"),
                        (["bench", "--batch-size", "0"], "must be >= 1, got 0"), (["plan", "--gpus", "16"], "16xH200"),
-                       (["generate", "k2-tiny", "--ids", "1 x"], "--ids takes space-separated integers")):
+                       (["generate", "k2-tiny", "--ids", "1 x"], "--ids takes space-separated integers"),
+                       # before any model is looked for, loaded or compiled
+                       (["generate", "/no-such-model", "--ids", "1 x"], "--ids takes space-separated integers")):
         assert main(argv) == 2, argv
         assert says in capsys.readouterr().err, argv
 

@@ -76,12 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "float32, int8 or fp16 weights; otherwise eager, logged)")
 
 
+def _ids(lines: list[str]) -> list[list[int]]:
+    try:
+        return [[int(t) for t in line.split()] for line in lines]
+    except ValueError as e:
+        raise UsageError(f"--ids takes space-separated integers: {e}") from None
+
+
 def _prompts(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[list[int]]:
     if args.ids:
-        try:
-            return [[int(t) for t in line.split()] for line in args.ids]
-        except ValueError as e:
-            raise UsageError(f"--ids takes space-separated integers: {e}") from None
+        return _ids(args.ids)
     if tokenizer is None:
         raise CommandError(f"{args.model} has no tokenizer (tiktoken.model): give prompts as --ids")
     if args.messages:
@@ -128,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tp-attention splits attention over the --ep ranks: pass --ep N too")
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs are printed with --json only")
+    if args.ids:
+        _ids(args.ids)  # a usage error before the model loads and compiles
     where, compile_decode = placement(args)
     tp, dtype = args.tensor_parallel_size, getattr(torch, args.dtype)
     config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode,
