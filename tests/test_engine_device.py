@@ -6,12 +6,10 @@ its tokens differ, while tensors made on the engine's device are unaffected. On 
 is the CPU; on a GPU the same code puts everything on CUDA.
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from kimi_k2.cli import main
 from kimi_k2.config import K2Config
 from kimi_k2.engine import EngineConfig, LLMEngine
 from kimi_k2.engine.device import resolve_device
@@ -70,12 +68,12 @@ def test_sequences_sample_with_generators_on_the_engine_device(model):
     assert all(s.generator.device == engine.device for s in engine.requests[rid].seqs)
 
 
-def test_cli_device_flag(tmp_path):
-    cmd = [sys.executable, "-m", "kimi_k2.cli", "generate", "k2-tiny", "--ids", "1 2 3", "--max-tokens", "3",
-           "--temperature", "0", "--ignore-eos", "--no-compile", "--device"]
-    ok = subprocess.run(cmd + ["cpu"], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    assert len(ok.stdout.split()) == 3
+def test_cli_device_flag(capsys):
+    args = ["generate", "k2-tiny", "--ids", "1 2 3", "--max-tokens", "3", "--temperature", "0", "--ignore-eos",
+            "--no-compile", "--device"]
+    assert main(args + ["cpu"]) == 0
+    ok = capsys.readouterr()
+    assert len(ok.out.split()) == 3, ok.err
     if not torch.cuda.is_available():
-        bad = subprocess.run(cmd + ["cuda"], capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and "CUDA is not available" in bad.stderr, bad.stderr
+        assert main(args + ["cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
