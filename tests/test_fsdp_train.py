@@ -118,6 +118,9 @@ def test_fsdp2_with_expert_parallel_matches_one_process(runs, layout):
         "state.pt"]
 
 
+# a sharded resume in the default run: test_resume_across_world_sizes_and_expert_layouts[fsdp2_ep2-one] (the 2-rank
+# FSDP2+EP checkpoint continued by one process, losses to rel 1e-4); bitwise resume: test_train_trainer's sigkill test
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", FSDP_EP)
 def test_resume_on_the_same_layout_is_bitwise(runs, layout):
     out = resume_from_step(runs[layout], runs.tmp / f"again_{layout}")

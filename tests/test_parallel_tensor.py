@@ -71,8 +71,10 @@ def run_tp(checkpoint, nproc: int, expert_parallel: bool) -> list[dict]:
     return sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda r: r["prompt"])
 
 
+# tensor + expert parallel over torchrun in the default run: test_deploy_serve_ep's `serve --tensor-parallel-size 2
+# --enable-expert-parallel` (the one-process greedy text); here tensor parallel alone on 2 ranks, logprobs included
 @pytest.mark.parametrize(("nproc", "expert_parallel"), [
-    (2, False), (4, True),
+    (2, False), pytest.param(4, True, marks=pytest.mark.slow),
     pytest.param(4, False, marks=pytest.mark.slow), pytest.param(2, True, marks=pytest.mark.slow)])
 def test_tensor_parallel_greedy_output_matches_one_process(checkpoint, reference, nproc, expert_parallel):
     records = run_tp(checkpoint, nproc, expert_parallel)

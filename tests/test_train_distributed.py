@@ -35,7 +35,9 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     return tokens, tmp / "one"
 
 
-@pytest.mark.parametrize("mode", ["data_parallel", "expert_parallel"])
+# expert_parallel is DDP replicas with the routed experts split over the ranks: the data-parallel path (gradient
+# all-reduce, the global batch, the router bias load) plus the all-to-alls; plain DDP with --run-slow
+@pytest.mark.parametrize("mode", [pytest.param("data_parallel", marks=pytest.mark.slow), "expert_parallel"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, mode):
     tokens, one_dir = single
     extra = ["--set", "train.expert_parallel=true"] if mode == "expert_parallel" else []
