@@ -1,7 +1,15 @@
 import os
 
-import pytest
-import torch
+# One intra-op thread in the test process and, through the environment, in every process it starts (a variable set by
+# the caller wins). The tests check results, not speed; on the loaded 2-core box OpenMP workers spinning while a
+# sibling is descheduled cost several times the CPU of the work itself (in-process engine and server tests at load ~8:
+# 164 s of CPU with torch's default threads, 33 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
 
 if not torch.cuda.is_available():
     # The Triton kernels' CPU tests run them interpreted, and triton picks interpreter or compiler when triton.language
