@@ -19,7 +19,8 @@ from kimi_k2.ops import kernels
 from kimi_k2.ops.kernels import pack_q8
 from kimi_k2.ops.quantize import quantize_int8
 
-# name: (N, K, experts or 0, rows per call are routed: top-k of `experts`)
+# name: (N, K, experts or 0, rows per call are routed: top-k of `experts`); absorbed attention: (N, K, -heads), each
+# of the M rows (sequences) reads every head: ids = arange(heads).repeat_interleave(M), as DecodeStep orders them
 SHAPES = {
     "lm_head": (32768, 1024, 0),
     "mlp_gate_up": (5632, 1024, 0),
@@ -28,6 +29,8 @@ SHAPES = {
     "o_proj": (1024, 1024, 0),
     "experts_gate_up": (256, 1024, 64),
     "experts_down": (1024, 128, 64),
+    "kv_b_uk": (512, 128, -8),
+    "kv_b_uv": (128, 512, -8),
 }
 TOP_K = 6
 
@@ -56,13 +59,17 @@ def main() -> None:
     print(f"{'shape':>16} {'M':>3} | {'q8 us':>8} {'q8 GB/s':>8} | {'f16 us':>8} {'f16 GB/s':>8} | q8/f16 time")
     for name in args.shapes.split(","):
         N, K, E = SHAPES[name]
-        w = torch.randn(max(E, 1), N, K, generator=g) / K**0.5
+        w = torch.randn(max(abs(E), 1), N, K, generator=g) / K**0.5
         q, d = pack_q8(*quantize_int8(w))
         h = w.half()
         if not E:
             q, d, h = q[0], d[0], h[0]
         for M in (int(m) for m in args.rows.split(",")):
-            if E:  # M tokens, each routed to TOP_K distinct experts, rows sorted by expert as the MoE layer does
+            if E < 0:  # M sequences x every head, rows ordered (head, sequence)
+                ids = torch.arange(-E).repeat_interleave(M)
+                x = torch.randn(len(ids), K, generator=g)
+                read = -E
+            elif E:  # M tokens, each routed to TOP_K distinct experts, rows sorted by expert as the MoE layer does
                 ids = torch.stack([torch.randperm(E, generator=g)[:TOP_K] for _ in range(M)]).flatten().sort().values
                 x = torch.randn(len(ids), K, generator=g)
                 read = len(ids.unique())

@@ -8,10 +8,13 @@ import pytest
 import torch
 from model_fixtures import random_tiny_model
 
-from kimi_k2.model.decode import DecodeStep, check_decode_model, decode_weights
+from kimi_k2.model.decode import Absorbed, DecodeStep, _absorbed, check_decode_model, decode_weights
 from kimi_k2.model.dense_cache import DenseLatentCache
+from kimi_k2.model.functional import latent_attention
 from kimi_k2.model.grouped_experts import GroupedExperts
 from kimi_k2.model.quantized import quantize_model
+from kimi_k2.ops.kernels import dequantize_blocks, unpack_q8
+from kimi_k2.ops.quantize import QuantizedLinear
 
 VARIANTS = {
     "q-lora": {},
@@ -115,3 +118,45 @@ def test_check_decode_model_rejects_what_it_cannot_run() -> None:
     check_decode_model(quantize_model(random_tiny_model(), "int8"))
     with pytest.raises(ValueError, match="float32 or quantized.*bfloat16"):
         check_decode_model(random_tiny_model().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_quantized_kv_b_is_absorbed_in_its_format(fmt: str) -> None:
+    """A quantized kv_b_proj reaches the absorbed attention as per-head W_UK^T [H, C, nope] and W_UV [H, v, C] in its
+    own format (not an fp32 copy): fp16 exactly kv_b_proj's halves; int8 W_UV kv_b_proj's own Q8_0 rows and W_UK^T
+    requantized along nope (within both roundings); the attention over them is `latent_attention` over the same
+    weights dequantized, up to int8's per-call quantization of q_nope and o_lat."""
+    H, nope, v, C, R, B, T = 4, 32, 32, 64, 16, 3, 9
+    g = torch.Generator().manual_seed(0)
+    kv_b = QuantizedLinear.from_float(torch.randn(H * (nope + v), C, generator=g) / C**0.5, None, fmt)
+    w = _absorbed(kv_b, H, nope)
+    assert isinstance(w, Absorbed) and w.uk.weight.shape == (H, C, nope) and w.uv.weight.shape == (H, v, C)
+    assert w.uk.weight.dtype == w.uv.weight.dtype == kv_b.weight.dtype
+    rows = kv_b.dequantized().view(H, nope + v, C)
+    uk, uv = (p.weight.float() if p.scales is None else dequantize_blocks(*unpack_q8(*p)) for p in (w.uk, w.uv))
+    assert torch.equal(uv, rows[:, nope:])
+    if fmt == "fp16":
+        assert torch.equal(uk, rows[:, :nope].transpose(1, 2))
+    else:  # |error| <= half of W_UK^T's own Q8_0 step (amax / 127 per 32 along nope, stored as fp16)
+        step = (rows[:, :nope].transpose(1, 2).unflatten(-1, (-1, 32)).abs().amax(-1) / 127).half().float()
+        assert ((uk - rows[:, :nope].transpose(1, 2)).unflatten(-1, (-1, 32)).abs() <= step[..., None] / 2 + 1e-7).all()
+    q_nope, q_pe = torch.randn(B, H, nope, generator=g), torch.randn(B, H, R, generator=g)
+    c_kv, k_pe = torch.randn(B, T, C, generator=g), torch.randn(B, T, R, generator=g)
+    mask = torch.zeros(B, 1, T).index_fill_(2, torch.arange(5, T), float("-inf"))
+    step = DecodeStep(random_tiny_model().config, 1.0, PAGE)
+    out = step._absorbed_attention(w, q_nope, q_pe, c_kv, k_pe, mask)
+    reference, _ = latent_attention(q_nope[:, None], q_pe[:, None], c_kv, k_pe, mask, uk.transpose(1, 2),
+                                    uv.transpose(1, 2), step.scale)
+    atol = 1e-5 if fmt == "fp16" else 2e-2 * reference.abs().max().item()
+    torch.testing.assert_close(out, reference.reshape(B, -1), rtol=0, atol=atol)
+    # each sequence gets the row it gets alone (int8's kernel is batch-invariant to the bit)
+    alone = step._absorbed_attention(w, q_nope[1:2], q_pe[1:2], c_kv[1:2], k_pe[1:2], mask[1:2])
+    torch.testing.assert_close(alone, out[1:2], rtol=0, atol=1e-6)
+
+
+def test_int8_kv_b_keeps_fp32_where_the_kernels_cannot_take_it() -> None:
+    """int8 W_UK^T needs nope divisible by 32 (its Q8_0 blocks): k2-tiny's 16 keeps the dequantized fp32 kv_b."""
+    model = quantize_model(random_tiny_model(), "int8")
+    kv_b = decode_weights(model)["layers"][0]["kv_b"]
+    assert isinstance(kv_b, torch.Tensor) and kv_b.dtype == torch.float32
+    assert torch.equal(kv_b, model.model.layers[0].self_attn.kv_b_proj.dequantized())

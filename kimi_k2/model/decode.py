@@ -21,8 +21,9 @@ from torch import nn
 
 from ..config import K2Config
 from ..ops import kernels
+from ..ops.kernels import QK, RG, pack_q8, unpack_q8
 from ..ops.layout import fuse_columns, fused_view, pack_rows
-from ..ops.quantize import QuantizedLinear, linear
+from ..ops.quantize import QuantizedLinear, dequantize_blocks, linear, quantize_int8
 from .functional import absorb, expert_mlp, latent_attention, rms_norm, route, routed_mixture, swiglu
 from .grouped_experts import GroupedExperts, expert_stacks, groupable
 from .layers import MLP, QuantizedEmbedding, embedding_rows
@@ -35,6 +36,14 @@ class Packed(NamedTuple):
 
     weight: torch.Tensor
     scales: torch.Tensor | None
+
+
+class Absorbed(NamedTuple):
+    """kv_b_proj of a quantized model as the absorbed attention reads it, per head: W_UK^T [H, C, nope] (so its
+    product reads q_nope along nope) and W_UV [H, v, C], each Packed as the kernels read stacked experts."""
+
+    uk: Packed
+    uv: Packed
 
 
 Projection = torch.Tensor | Packed  # fp32: W^T [K, N] (BLAS); int8 / fp16: Packed row-major
@@ -108,9 +117,25 @@ class DecodeStep:
         c_kv, k_pe = rms_norm(c_kv, w["kv_a_norm"], self.eps), apply_rotary_emb(k_pe, cos, sin)  # [B, 1, C], [B, 1, R]
         latent = torch.cat([c_kv, k_pe], dim=-1)  # [B, 1, C + R]
         keys = torch.cat([cached, latent], dim=1)  # [B, T + 1, C + R]
-        w_uk, w_uv_t = absorb(w["kv_b"], H, self.nope)
-        out, _ = latent_attention(q_nope, q_pe, keys[..., :C], keys[..., C:], mask, w_uk, w_uv_t, self.scale)
+        if isinstance(w["kv_b"], Absorbed):
+            out = self._absorbed_attention(w["kv_b"], q_nope[:, 0], q_pe[:, 0], keys[..., :C], keys[..., C:], mask)
+        else:
+            w_uk, w_uv_t = absorb(w["kv_b"], H, self.nope)
+            out, _ = latent_attention(q_nope, q_pe, keys[..., :C], keys[..., C:], mask, w_uk, w_uv_t, self.scale)
         return _linear(out.reshape(B, -1), w["o"], w.get("o_bias")), latent[:, 0]
+
+    def _absorbed_attention(self, w: Absorbed, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                            k_pe: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`latent_attention` with quantized W_UK^T / W_UV read by head through the kernels (one product per head):
+        q_nope [B, H, nope], q_pe [B, H, R], c_kv [B, T, C], k_pe [B, T, R], mask [B, 1, T] -> out [B, H * v]."""
+        B, H, _ = q_nope.shape
+        heads = torch.arange(H, device=q_nope.device).repeat_interleave(B)  # [H * B]: rows ordered (head, sequence)
+        q_lat = linear(q_nope.transpose(0, 1).reshape(H * B, -1), *w.uk, heads).view(H, B, -1).transpose(0, 1)
+        scores = ((q_lat[:, :, None] * c_kv[:, None]).sum(-1)
+                  + (q_pe[:, :, None] * k_pe[:, None]).sum(-1)) * self.scale + mask  # [B, H, T]
+        o_lat = (scores.softmax(dim=-1)[..., None] * c_kv[:, None]).sum(-2)  # [B, H, C]
+        out = linear(o_lat.transpose(0, 1).reshape(H * B, -1), *w.uv, heads)  # [H * B, v]
+        return out.view(H, B, -1).transpose(0, 1).reshape(B, -1)
 
     @staticmethod
     def _mlp(w: tuple[Projection, Projection], x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +181,25 @@ def _projection(linears: list[nn.Module]) -> Projection:
     return fused if fused is not None else torch.cat([w.t() for w in weights], dim=1)
 
 
-def _float_rows(m: nn.Module) -> torch.Tensor:
-    """kv_b_proj's weight [N, K] in fp32, which the latent attention absorbs: the model's own tensor, or an int8 / fp16
-    one dequantized here, once per `decode_weights` (not in every step)."""
-    return m.dequantized() if isinstance(m, QuantizedLinear) else m.weight.detach()
+def _absorbed(m: nn.Module, n_heads: int, nope: int) -> torch.Tensor | Absorbed:
+    """kv_b_proj [H * (nope + v), C] as the latent attention absorbs it, made once per `decode_weights`: an fp32
+    model's own tensor; a quantized one's per-head W_UK^T and W_UV in its format (copies: 1/4 (int8, +1/32 scales) or
+    1/2 (fp16) of the fp32 pair this replaces). fp16 is exact. int8: W_UV is kv_b_proj's own Q8_0 rows; W_UK^T is
+    requantized from kv_b_proj's dequantized Q8_0 in blocks of 32 along nope, the axis its product reads (llama.cpp
+    quantizes its k_b the same way, from the float weight). A shape the kernels cannot take stays fp32 (dequantized).
+    """
+    if not isinstance(m, QuantizedLinear):
+        return m.weight.detach()
+    C = m.in_features
+    v = m.out_features // n_heads - nope
+    if m.fmt == "fp16" and nope % 8 == 0:
+        w = m.weight.view(n_heads, nope + v, C)
+        return Absorbed(Packed(w[:, :nope].transpose(1, 2).contiguous(), None), Packed(w[:, nope:].contiguous(), None))
+    if m.fmt == "fp16" or nope % QK or C % RG or v % RG:
+        return m.dequantized()
+    q, d = (t.view(n_heads, nope + v, -1) for t in unpack_q8(m.weight, m.scales))
+    uk = pack_q8(*quantize_int8(dequantize_blocks(q[:, :nope], d[:, :nope]).transpose(1, 2)))
+    return Absorbed(Packed(*uk), Packed(*pack_q8(q[:, nope:], d[:, nope:])))
 
 
 def _embedding(m: nn.Module) -> torch.Tensor | Packed:
@@ -202,7 +242,7 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
         w: dict[str, Any] = {
             "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
             "x_proj": _projection([first, attn.kv_a_proj_with_mqa]), "kv_a_norm": attn.kv_a_layernorm.weight,
-            "kv_b": _float_rows(attn.kv_b_proj), "o": _projection([attn.o_proj])}
+            "kv_b": _absorbed(attn.kv_b_proj, attn.n_heads, attn.qk_nope_head_dim), "o": _projection([attn.o_proj])}
         if attn.q_lora_rank is not None:
             w.update(q_a_norm=attn.q_a_layernorm.weight, q_b=_projection([attn.q_b_proj]))
         if first.bias is not None or attn.kv_a_proj_with_mqa.bias is not None:
