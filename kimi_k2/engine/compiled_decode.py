@@ -3,9 +3,12 @@
 A step whose rows each compute one token (a decode step, of one sequence or a batch of them) runs
 `kimi_k2.model.decode.DecodeStep` as one torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the
 same functions in a few fused C++ loops and BLAS calls instead of ~80 eager ops per layer. The graph reads the latent
-page pool through each sequence's pages. Two graphs per process and model config, both compiled at engine start-up
-(`warm_up`): one for a single sequence (batch fixed at 1, what single-stream latency needs), one for batches whose
-size B >= 2 is a dynamic size, so every batch up to max_num_seqs shares it. Their other dynamic sizes are the number
+page pool through each sequence's pages. Two graphs per process and model config: one for a single sequence (batch
+fixed at 1), compiled at engine start-up (`warm_up`), and one for batches whose size B >= 2 is a dynamic size, so
+every batch up to max_num_seqs shares it. The batched graph is compiled in a background thread from the engine's
+first batch on (an engine that never batches never builds it); until it is ready, batches run the eager model. One
+graph for both was measured and not taken: an unbacked batch size (`mark_unbacked`, which does not specialize 1) cost
+2% (fp32) and 7% (int8) of a single-sequence k2-small step, side by side. Their other dynamic sizes are the number
 of pages (the longest context of the batch; at least 2 are passed, so it never specializes) and the pool's size.
 Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. The
 step's latents come back out and are stored here. Prefill chunks run the eager model.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -84,6 +88,7 @@ class CompiledDecoder:
         self.compile_seconds: dict[bool, float] = {}
         self._watched: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, int]] = []
         self._weights: DecodeWeights | None = None
+        self._batch_compile: threading.Thread | None = None
 
     def _snapshot(self) -> None:
         """Every parameter and buffer slot of the model with the tensor (and memory) it holds now."""
@@ -101,15 +106,15 @@ class CompiledDecoder:
             self._snapshot()
         return self._weights
 
-    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
+    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+             weights: DecodeWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token of each of B sequences -> (logits [B, vocab], latents [L, B, C + R])."""
         ps = self.pool.page_size
         n = max(-(-max(positions) // ps), 2)  # pages holding the longest context, padded with page 0 (masked) to >= 2
         pages = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables])  # [B, n]
         token_ids, pos = torch.tensor(tokens), torch.tensor(positions)
         batched = len(tokens) > 1
-        args = (self.weights(), token_ids, pos, pages, self.pool.kv)
+        args = (self.weights() if weights is None else weights, token_ids, pos, pages, self.pool.kv)
         if batched in self.compile_seconds:
             return self.step(*args)
         torch._dynamo.mark_dynamic(pages, 1)
@@ -123,15 +128,47 @@ class CompiledDecoder:
         return out
 
     def warm_up(self) -> None:
-        """Compile both graphs now (tokens at position 0 over page 0; nothing is stored), not on the first request."""
+        """Compile the single-sequence graph now (a token at position 0 over page 0; nothing is stored), not on the
+        first request."""
         with torch.inference_mode():
             self._run([0], [0], [[0]])
-            self._run([0, 0], [0, 0], [[0], [0]])
-        log.info("compiled decode ready: first calls (trace, inductor, C++ build or cache hit) took %.1f s (1 "
-                 "sequence) and %.1f s (batches)", self.compile_seconds[False], self.compile_seconds[True])
+        log.info("compiled decode ready: the first call (trace, inductor, C++ build or cache hit) took %.1f s",
+                 self.compile_seconds[False])
 
-    def __call__(self, rows: list[Row]) -> torch.Tensor:
-        """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab]."""
+    def compile_batched(self, weights: DecodeWeights | None = None) -> None:
+        """Compile the batched graph (two tokens at position 0 over page 0; nothing is stored)."""
+        with torch.inference_mode():
+            self._run([0, 0], [0, 0], [[0], [0]], weights)
+        log.info("compiled decode of batches ready: the first call took %.1f s", self.compile_seconds[True])
+
+    def _compile_batched_or_warn(self, weights: DecodeWeights) -> None:
+        try:
+            self.compile_batched(weights)
+        except Exception as e:  # batches keep running the eager model
+            log.warning("compiled decode of batches off, batches run the eager model: torch.compile failed: %s", e)
+
+    def batched_ready(self) -> bool:
+        """Whether the batched graph runs batches; if not, start its compile in the background (once)."""
+        if True in self.compile_seconds:
+            return True
+        if self._batch_compile is None:
+            # the weight dict is built here, so that only this thread ever rebuilds it
+            self._batch_compile = threading.Thread(target=self._compile_batched_or_warn, args=(self.weights(),),
+                                                   name="compile-batched-decode", daemon=True)
+            self._batch_compile.start()
+        return False
+
+    def wait_batched(self, timeout: float | None = None) -> bool:
+        """Wait for a background compile of the batched graph started by `batched_ready` -> whether it is ready."""
+        if self._batch_compile is not None:
+            self._batch_compile.join(timeout)
+        return True in self.compile_seconds
+
+    def __call__(self, rows: list[Row]) -> torch.Tensor | None:
+        """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab], or None (the
+        caller runs the eager model) for a batch while its graph is not ready."""
+        if len(rows) > 1 and not self.batched_ready():
+            return None
         ps = self.pool.page_size
         positions = [r.num_computed_tokens for r in rows]
         logits, latents = self._run([r.input_ids[0] for r in rows], positions, [r.block_table for r in rows])
