@@ -152,9 +152,11 @@ class CompiledDecoder:
         if True in self.compile_seconds:
             return True
         if self._batch_compile is None:
-            # the weight dict is built here, so that only this thread ever rebuilds it
+            # the weight dict is built here, so that only this thread ever rebuilds it. Not a daemon: a process that
+            # ends while it compiles waits for it (a daemon thread stopped mid-compile aborted the interpreter at exit),
+            # and the graph lands in inductor's on-disk cache for the next process
             self._batch_compile = threading.Thread(target=self._compile_batched_or_warn, args=(self.weights(),),
-                                                   name="compile-batched-decode", daemon=True)
+                                                   name="compile-batched-decode")
             self._batch_compile.start()
         return False
 
