@@ -152,7 +152,7 @@ class CompiledDecoder:
         if True in self.compile_seconds:
             return True
         if self._batch_compile is None:
-            # the weight dict is built here, so that only this thread ever rebuilds it. Not a daemon: a process that
+            # the weight dict is built by the caller, whose thread alone ever rebuilds it. Not a daemon: a process that
             # ends while it compiles waits for it (a daemon thread stopped mid-compile aborted the interpreter at exit),
             # and the graph lands in inductor's on-disk cache for the next process
             self._batch_compile = threading.Thread(target=self._compile_batched_or_warn, args=(self.weights(),),
