@@ -75,6 +75,20 @@ def test_compiled_decode_equals_eager_engine() -> None:
     assert [r[0].token_ids for r in other.generate(prompts, params)] == expected
 
 
+def test_compiled_decode_of_a_model_with_biases_after_one_without() -> None:
+    """A model whose weight dict has optional entries (attention biases) that another model's lacks gets its own graph,
+    not the other's (the weight dict's structure is guarded)."""
+    plain, biased = random_tiny_model(), random_tiny_model(attention_bias=True)
+    with torch.no_grad():
+        for m in biased.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.uniform_(-2.0, 2.0)
+    _engine(plain, True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert _engine(biased, True).generate([[1, 2, 3]], params)[0][0].token_ids == \
+        _engine(biased, False).generate([[1, 2, 3]], params)[0][0].token_ids
+
+
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_compiled_decode_of_quantized_weights_equals_eager(fmt: str) -> None:
     """`--quantization int8|fp16`: the compiled graph runs the same kernels (`kimi_k2::linear_q8` / `linear_f16`,
