@@ -10,7 +10,8 @@ first batch on (an engine that never batches never builds it); until it is ready
 graph for both was measured and not taken: an unbacked batch size (`mark_unbacked`, which does not specialize 1) cost
 2% (fp32) and 7% (int8) of a single-sequence k2-small step, side by side. Their other dynamic sizes are the number
 of pages (the longest context of the batch; at least 2 are passed, so it never specializes) and the pool's size.
-Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. The
+Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit (dynamo's
+trace still runs: ~15 s of CPU on k2-small). The
 step's latents come back out and are stored here. Prefill chunks run the eager model.
 
 The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
@@ -51,7 +52,7 @@ def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
     return None
 
 
-def tensor_guards(entries: list[GuardFilterEntry]) -> list[bool]:
+def guards_to_keep(entries: list[GuardFilterEntry]) -> list[bool]:
     """Of dynamo's guards drop those on module globals, which nothing rebinds (with them a k2-small step took ~0.4 ms
     more of ~3.5 ms); keep the rest: the tensor guards (dtype, device, static sizes and strides of the inputs and of
     every weight, which also tell a quantized model's `Packed` tuples from an fp32 tensor), the weight dict's structure
@@ -74,7 +75,7 @@ def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> 
         # dynamo's cache for it: past the default limit (8) a new model in this process would fail to compile
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True, dynamic=False,
-                                       options={"cpp_wrapper": True, "guard_filter_fn": tensor_guards})
+                                       options={"cpp_wrapper": True, "guard_filter_fn": guards_to_keep})
     return _COMPILED[key]
 
 
