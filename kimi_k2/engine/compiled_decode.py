@@ -11,8 +11,8 @@ graph for both was measured and not taken: an unbacked batch size (`mark_unbacke
 2% (fp32) and 7% (int8) of a single-sequence k2-small step, side by side. Their other dynamic sizes are the number
 of pages (the longest context of the batch; at least 2 are passed, so it never specializes) and the pool's size.
 Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit (dynamo's
-trace still runs: ~15 s of CPU on k2-small). The
-step's latents come back out and are stored here. Prefill chunks run the eager model.
+trace still runs: ~15 s of CPU on k2-small). The step's latents come back out and are stored here. Prefill chunks run
+the eager model.
 
 The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
 transposed, the routed experts stacked; each module's weight becomes a view), so the graph reads them without a second
