@@ -1,8 +1,11 @@
 """`EngineConfig(compile_decode=True)`: decode steps (one sequence or a batch) through the torch.compile'd `DecodeStep`
-give the eager engine's greedy tokens and logprobs, follow weight changes, and refuse models they cannot run.
+give the eager engine's greedy tokens and logprobs, follow weight changes, and refuse models they cannot run. The
+single-sequence graph is built at start-up, the batched one in the background from the first batch on (eager
+batches until then); after that no step of any context length or pool size compiles again (dynamo's
+`error_on_recompile`).
 
-The default run compiles the two graphs once (k2-tiny, ~20-40 s on a 2-core CPU); the config variants are `slow` (one
-compile each).
+The default run compiles the two graphs once per weight format (k2-tiny, ~20-40 s on a 2-core CPU); the config
+variants are `slow` (one compile each).
 """
 
 from __future__ import annotations
@@ -29,13 +32,19 @@ def _engine(model: K2ForCausalLM, compile_decode: bool, num_pages: int = 32) -> 
     return LLMEngine(model, config=config)
 
 
+def no_recompiles():
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
 def _assert_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine, new: int = 20,
                  atol: float = 1e-4) -> None:
     gen = torch.Generator().manual_seed(2)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=5)
     for n in PROMPT_LENGTHS:
         prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
-        a, b = compiled.generate([prompt], params)[0][0], eager.generate([prompt], params)[0][0]
+        with no_recompiles():
+            a = compiled.generate([prompt], params)[0][0]
+        b = eager.generate([prompt], params)[0][0]
         assert a.token_ids == b.token_ids, f"prompt of {n} tokens"
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert [t for t, _ in x.top] == [t for t, _ in y.top]
@@ -47,19 +56,37 @@ def test_compiled_decode_equals_eager_engine() -> None:
     model = random_tiny_model()
     compiled, eager = _engine(model, True), _engine(model, False)
     _assert_same(model, compiled, eager)
-    assert set(compiled.runner.decoder.compile_seconds) == {False, True}  # both graphs were built
+    assert set(compiled.runner.decoder.compile_seconds) == {False}  # single streams only: no batched graph built
     with torch.no_grad():  # in-place weight updates reach the compiled path (packed experts, fused views) ...
         model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
         model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
         shared = model.model.layers[1].mlp.shared_experts.down_proj  # ... and so does a replaced tensor
         shared.weight = torch.nn.Parameter(shared.weight * -2.0)
     _assert_same(model, compiled, eager, new=6)
-    # a pool of another size, and a batch next to single streams, on the same graphs
-    other = _engine(model, True, num_pages=40)
+    # a pool of another size on the same graphs; its first batch runs the eager model while the batched graph
+    # compiles in the background, later ones the graph
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [[3, 4, 5], list(range(2, 30))]
-    assert [r[0].token_ids for r in other.generate(prompts, params)] == \
-        [r[0].token_ids for r in eager.generate(prompts, params)]
+    expected = [r[0].token_ids for r in eager.generate(prompts, params)]
+    with no_recompiles():
+        other = _engine(model, True, num_pages=40)
+    assert [r[0].token_ids for r in other.generate(prompts, params)] == expected
+    assert other.runner.decoder.wait_batched()
+    assert [r[0].token_ids for r in other.generate(prompts, params)] == expected
+
+
+def test_compiled_decode_of_a_model_with_biases_after_one_without() -> None:
+    """A model whose weight dict has optional entries (attention biases) that another model's lacks gets its own graph,
+    not the other's (the weight dict's structure is guarded)."""
+    plain, biased = random_tiny_model(), random_tiny_model(attention_bias=True)
+    with torch.no_grad():
+        for m in biased.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.uniform_(-2.0, 2.0)
+    _engine(plain, True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert _engine(biased, True).generate([[1, 2, 3]], params)[0][0].token_ids == \
+        _engine(biased, False).generate([[1, 2, 3]], params)[0][0].token_ids
 
 
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("fp16", marks=pytest.mark.slow)])
@@ -94,7 +121,10 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
 def _assert_batch_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine) -> None:
     """A batch of prompts of different lengths (page boundaries, a 1-token prompt) with different max_tokens, so the
     decode batch shrinks from 5 sequences to 1 as they finish: each gets its single-stream eager tokens, and no decode
-    step of the compiled engine runs the eager model."""
+    step of the compiled engine runs the eager model once its batched graph is ready."""
+    decoder = compiled.runner.decoder
+    if not decoder.batched_ready():  # starts the background compile
+        assert decoder.wait_batched()
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
@@ -108,7 +138,8 @@ def _assert_batch_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngi
 
     compiled.runner.model.model.forward = spy
     try:
-        assert [r[0].token_ids for r in compiled.generate(prompts, params)] == single
+        with no_recompiles():
+            assert [r[0].token_ids for r in compiled.generate(prompts, params)] == single
     finally:
         del compiled.runner.model.model.forward
     assert eager_steps and all(s > 1 for s in eager_steps), f"a decode step ran the eager model: {eager_steps}"
@@ -143,6 +174,25 @@ def test_failed_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, cap
     with caplog.at_level(logging.WARNING, logger="kimi_k2.engine.model_runner"):
         engine = _engine(random_tiny_model(), True)
     assert engine.runner.decoder is None and "torch.compile failed: no C++ compiler" in caplog.text
+
+
+def test_failed_batched_compile_leaves_batches_eager(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model = random_tiny_model()
+    monkeypatch.setattr(CompiledDecoder, "compile_batched", broken)
+    compiled, eager = _engine(model, True), _engine(model, False)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompts = [[3, 4, 5], [6, 7]]
+    with caplog.at_level(logging.WARNING, logger="kimi_k2.engine.compiled_decode"):
+        first = compiled.generate(prompts, params)
+        assert not compiled.runner.decoder.wait_batched()
+    assert "compiled decode of batches off, batches run the eager model: torch.compile failed: out of memory" in \
+        caplog.text
+    assert [r[0].token_ids for r in first] == [r[0].token_ids for r in compiled.generate(prompts, params)] == \
+        [r[0].token_ids for r in eager.generate(prompts, params)]
 
 
 @pytest.mark.slow

@@ -379,6 +379,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
                     t0 = time.perf_counter()
                     w.call({"op": "generate", "prompts": prompts[:1], "new": 2})
                     w.call({"op": "generate", "prompts": prompts[:max(streams)], "new": 2})
+                    w.call({"op": "wait"})  # the batched compiled graph, built in the background from the first batch
                     w.warmup_s = time.perf_counter() - t0
             if threads == args.threads[0] and not args.skip_parity:
                 res["parity"] = parity(workers, prompts[0], args.parity_new, work)

@@ -7,7 +7,7 @@
 built by setup.sh; `kimi` runs in the project's python.) Requests:
     {"op": "generate", "prompts": [[ids]...], "new": N}  -> {"tokens": [[ids]...], "cpu": s, "wall": s}
     {"op": "logits", "ids": [...], "start": P, "out": PATH} -> logits of positions start-1 .. len-2 saved as .npy
-    {"op": "stats"} -> {"peak_rss_mib": ...};  {"op": "quit"}
+    {"op": "stats"} -> {"peak_rss_mib": ...};  {"op": "wait"} -> {} once background compiles are done;  {"op": "quit"}
 Greedy, no EOS: every stream gets exactly N tokens. `cpu` is the process's CPU time (all its threads) over the call.
 A separate process per system keeps thread pools, allocators and peak RSS apart; run.py interleaves their calls.
 """
@@ -53,6 +53,12 @@ class KimiWorker:
 
         res = self.engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
         return [r[0].token_ids for r in res]
+
+    def wait(self) -> None:
+        """Until the compiled decode's batched graph, compiled in the background from the first batch on, is ready
+        (or failed: batches then run the eager model)."""
+        if self.engine.runner.decoder is not None:
+            self.engine.runner.decoder.wait_batched()
 
     def logits(self, ids: list[int], start: int):
         with self.torch.no_grad():
@@ -166,6 +172,9 @@ def serve(worker: Any) -> None:
                 reply = {"out": req["out"]}
             elif req["op"] == "stats":
                 reply = {"peak_rss_mib": peak_rss_mib()}
+            elif req["op"] == "wait":
+                getattr(worker, "wait", lambda: None)()
+                reply = {}
             elif req["op"] == "quit":
                 return
             else:

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if engine.runner.decoder is not None:
         print(f"compile_decode: start-up with the compile took {time.perf_counter() - start:.1f} s", file=sys.stderr)
     measure(engine, 1, min(args.input_len, 16), 2, args.seed)  # warm-up
+    if engine.runner.decoder is not None and batch > 1:  # its batched graph, else compiled in the background
+        engine.runner.decoder.batched_ready()
+        engine.runner.decoder.wait_batched()
     precision = args.quantization or args.dtype
     if not args.json:
         print(f"{args.model} {precision} on {where}, input {args.input_len}, output {args.output_len}, torch threads "

@@ -3,12 +3,16 @@
 A step whose rows each compute one token (a decode step, of one sequence or a batch of them) runs
 `kimi_k2.model.decode.DecodeStep` as one torch.compile'd graph (inductor, C++ wrapper) instead of the eager model: the
 same functions in a few fused C++ loops and BLAS calls instead of ~80 eager ops per layer. The graph reads the latent
-page pool through each sequence's pages. Two graphs per process and model config, both compiled at engine start-up
-(`warm_up`): one for a single sequence (batch fixed at 1, what single-stream latency needs), one for batches whose
-size B >= 2 is a dynamic size, so every batch up to max_num_seqs shares it. Their other dynamic sizes are the number
+page pool through each sequence's pages. Two graphs per process and model config: one for a single sequence (batch
+fixed at 1), compiled at engine start-up (`warm_up`), and one for batches whose size B >= 2 is a dynamic size, so
+every batch up to max_num_seqs shares it. The batched graph is compiled in a background thread from the engine's
+first batch on (an engine that never batches never builds it); until it is ready, batches run the eager model. One
+graph for both was measured and not taken: an unbacked batch size (`mark_unbacked`, which does not specialize 1) cost
+2% (fp32) and 7% (int8) of a single-sequence k2-small step, side by side. Their other dynamic sizes are the number
 of pages (the longest context of the batch; at least 2 are passed, so it never specializes) and the pool's size.
-Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit. The
-step's latents come back out and are stored here. Prefill chunks run the eager model.
+Inductor's on-disk caches (FX graph and AOTAutograd, on by default) make a later process's compile a cache hit (dynamo's
+trace still runs: ~15 s of CPU on k2-small). The step's latents come back out and are stored here. Prefill chunks run
+the eager model.
 
 The weights are laid out in place first (`prepare_decode_layout`: projections that read the same input fused and
 transposed, the routed experts stacked; each module's weight becomes a view), so the graph reads them without a second
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,13 +52,14 @@ def unsupported(model: nn.Module, pool: LatentPool) -> str | None:
     return None
 
 
-def tensor_guards(entries: list[GuardFilterEntry]) -> list[bool]:
-    """Of dynamo's guards keep those that say which graph a call may run: on each tensor (dtype, device, static sizes
-    and strides: the inputs, and every weight, which also tells a quantized model's `Packed` tuples from an fp32
-    tensor), the shape relations (the batch size: 1 for one graph, >= 2 for the other) and the DecodeStep's config
-    constants; drop the rest on the weight dict (its structure and each value's type, which the tensor guards imply)
-    and on module globals, which nothing rebinds. Their check cost ~0.4 ms of a ~3.5 ms k2-small step."""
-    return [not (e.is_global or e.name.startswith("args[0]") and e.guard_type != "TENSOR_MATCH") for e in entries]
+def guards_to_keep(entries: list[GuardFilterEntry]) -> list[bool]:
+    """Of dynamo's guards drop those on module globals, which nothing rebinds (with them a k2-small step took ~0.4 ms
+    more of ~3.5 ms); keep the rest: the tensor guards (dtype, device, static sizes and strides of the inputs and of
+    every weight, which also tell a quantized model's `Packed` tuples from an fp32 tensor), the weight dict's structure
+    (which optional weights, e.g. attention biases, a model has: without these guards a model with biases ran the
+    graph of one without, measured to cost 0.4% of a k2-small step), the shape relations and the DecodeStep's config
+    constants."""
+    return [not e.is_global for e in entries]
 
 
 _COMPILED: dict[tuple[str, float, int], Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -68,7 +75,7 @@ def compiled_step(config: K2Config, attention_factor: float, page_size: int) -> 
         # dynamo's cache for it: past the default limit (8) a new model in this process would fail to compile
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[key] = torch.compile(DecodeStep(config, attention_factor, page_size), fullgraph=True, dynamic=False,
-                                       options={"cpp_wrapper": True, "guard_filter_fn": tensor_guards})
+                                       options={"cpp_wrapper": True, "guard_filter_fn": guards_to_keep})
     return _COMPILED[key]
 
 
@@ -82,34 +89,47 @@ class CompiledDecoder:
         self.step = compiled_step(model.config, model.model.rotary.attention_factor, pool.page_size)
         # wall time of each graph's first call (trace, inductor, C++ build): False one sequence, True batches
         self.compile_seconds: dict[bool, float] = {}
-        self._watched: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, int]] = []
+        # every parameter and buffer slot of the model (its dict and name), the tensor it held and that tensor's memory
+        self._slots: tuple[list[dict[str, torch.Tensor | None]], list[str]] = ([], [])
+        self._held: list[torch.Tensor | None] = []
+        self._tensors: list[torch.Tensor] = []
+        self._pointers: list[int] = []
         self._weights: DecodeWeights | None = None
+        self._batch_compile: threading.Thread | None = None
 
     def _snapshot(self) -> None:
-        """Every parameter and buffer slot of the model with the tensor (and memory) it holds now."""
-        self._watched = [(tensors, name, t, 0 if t is None else t.data_ptr())
-                         for m in self.model.modules() for tensors in (m._parameters, m._buffers)
-                         for name, t in tensors.items()]
+        slots = [(tensors, name) for m in self.model.modules() for tensors in (m._parameters, m._buffers)
+                 for name in tensors]
+        self._slots = ([tensors for tensors, _ in slots], [name for _, name in slots])
+        self._held = list(map(dict.get, *self._slots))
+        self._tensors = [t for t in self._held if t is not None]
+        self._pointers = [t.data_ptr() for t in self._tensors]
+
+    def _replaced(self) -> bool:
+        """Whether a parameter or buffer slot holds another tensor, or a tensor other memory, than at `_snapshot`.
+        One identity and one pointer comparison per slot, in `map`s (a Python loop over k2-small's ~380 slots cost
+        ~0.2 ms a step)."""
+        return any(map(operator.is_not, map(dict.get, *self._slots), self._held)) or \
+            list(map(torch.Tensor.data_ptr, self._tensors)) != self._pointers
 
     def weights(self) -> DecodeWeights:
         """`decode_weights(model)`, rebuilt whenever a tensor of the model is replaced (in-place updates write the
-        tensors the graph already reads: the fused and packed weights are views). The check is one identity and
-        pointer comparison per tensor (walking the module tree every step cost ~1 ms, a quarter of a k2-small step)."""
-        if self._weights is None or any(tensors.get(name) is not t or (t is not None and t.data_ptr() != ptr)
-                                        for tensors, name, t, ptr in self._watched):
+        tensors the graph already reads: the fused and packed weights are views). Walking the module tree every step
+        cost ~1 ms, a quarter of a k2-small step; `_replaced` checks the slots seen last time instead."""
+        if self._weights is None or self._replaced():
             self._weights = decode_weights(self.model)
             self._snapshot()
         return self._weights
 
-    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
+    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+             weights: DecodeWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token of each of B sequences -> (logits [B, vocab], latents [L, B, C + R])."""
         ps = self.pool.page_size
         n = max(-(-max(positions) // ps), 2)  # pages holding the longest context, padded with page 0 (masked) to >= 2
         pages = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables])  # [B, n]
         token_ids, pos = torch.tensor(tokens), torch.tensor(positions)
         batched = len(tokens) > 1
-        args = (self.weights(), token_ids, pos, pages, self.pool.kv)
+        args = (self.weights() if weights is None else weights, token_ids, pos, pages, self.pool.kv)
         if batched in self.compile_seconds:
             return self.step(*args)
         torch._dynamo.mark_dynamic(pages, 1)
@@ -123,15 +143,49 @@ class CompiledDecoder:
         return out
 
     def warm_up(self) -> None:
-        """Compile both graphs now (tokens at position 0 over page 0; nothing is stored), not on the first request."""
+        """Compile the single-sequence graph now (a token at position 0 over page 0; nothing is stored), not on the
+        first request."""
         with torch.inference_mode():
             self._run([0], [0], [[0]])
-            self._run([0, 0], [0, 0], [[0], [0]])
-        log.info("compiled decode ready: first calls (trace, inductor, C++ build or cache hit) took %.1f s (1 "
-                 "sequence) and %.1f s (batches)", self.compile_seconds[False], self.compile_seconds[True])
+        log.info("compiled decode ready: the first call (trace, inductor, C++ build or cache hit) took %.1f s",
+                 self.compile_seconds[False])
 
-    def __call__(self, rows: list[Row]) -> torch.Tensor:
-        """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab]."""
+    def compile_batched(self, weights: DecodeWeights | None = None) -> None:
+        """Compile the batched graph (two tokens at position 0 over page 0; nothing is stored)."""
+        with torch.inference_mode():
+            self._run([0, 0], [0, 0], [[0], [0]], weights)
+        log.info("compiled decode of batches ready: the first call took %.1f s", self.compile_seconds[True])
+
+    def _compile_batched_or_warn(self, weights: DecodeWeights) -> None:
+        try:
+            self.compile_batched(weights)
+        except Exception as e:  # batches keep running the eager model
+            log.warning("compiled decode of batches off, batches run the eager model: torch.compile failed: %s", e)
+
+    def batched_ready(self) -> bool:
+        """Whether the batched graph runs batches; if not, start its compile in the background (once)."""
+        if True in self.compile_seconds:
+            return True
+        if self._batch_compile is None:
+            # the weight dict is built by the caller, whose thread alone ever rebuilds it. Not a daemon: a process that
+            # ends while it compiles waits for it (a daemon thread stopped mid-compile aborted the interpreter at exit),
+            # and the graph lands in inductor's on-disk cache for the next process
+            self._batch_compile = threading.Thread(target=self._compile_batched_or_warn, args=(self.weights(),),
+                                                   name="compile-batched-decode")
+            self._batch_compile.start()
+        return False
+
+    def wait_batched(self, timeout: float | None = None) -> bool:
+        """Wait for a background compile of the batched graph started by `batched_ready` -> whether it is ready."""
+        if self._batch_compile is not None:
+            self._batch_compile.join(timeout)
+        return True in self.compile_seconds
+
+    def __call__(self, rows: list[Row]) -> torch.Tensor | None:
+        """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab], or None (the
+        caller runs the eager model) for a batch while its graph is not ready."""
+        if len(rows) > 1 and not self.batched_ready():
+            return None
         ps = self.pool.page_size
         positions = [r.num_computed_tokens for r in rows]
         logits, latents = self._run([r.input_ids[0] for r in rows], positions, [r.block_table for r in rows])

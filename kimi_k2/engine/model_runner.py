@@ -95,8 +95,9 @@ class ModelRunner:
         return torch.cat([self._forward(rows) for rows in groups])
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
-        if self.decoder is not None and all(len(r.input_ids) == 1 for r in rows):
-            return self.decoder(rows)
+        if self.decoder is not None and all(len(r.input_ids) == 1 for r in rows) and \
+                (logits := self.decoder(rows)) is not None:
+            return logits
         if self.graphs is not None and (logits := self.graphs(rows)) is not None:
             return logits
         cache = PagedLatentCache(self.pool, rows)
