@@ -167,7 +167,7 @@ class AotDecoder:
         if self.job and describe(weights) != self.job["weights"]:
             raise RuntimeError("the model's decode weights changed dtype, shape or layout since the AOTInductor "
                                "package was built; start a new engine")
-        self._flat = pytree.tree_flatten(weights)[0]
+        self._flat = [t for t in pytree.tree_flatten(weights)[0] if t is not None]  # the runner's inputs: tensors
         self._watched = [(tensors, name, t, 0 if t is None else t.data_ptr())
                          for m in self.model.modules() for tensors in (m._parameters, m._buffers)
                          for name, t in tensors.items()]
