@@ -59,8 +59,8 @@ def describe(w: Any) -> Any:
 
 
 def placeholders(d: Any) -> Any:
-    """Weights of the structure `describe` gave: uninitialized tensors of those dtypes, shapes and strides (the
-    export reads only their metadata; the memory is never touched)."""
+    """Weights of the structure `describe` gave: empty tensors of those dtypes, shapes and strides (the export reads
+    only their metadata; `build_package` makes them fake tensors, which hold no memory)."""
     if d is None:
         return None
     (kind, v), = d.items()
@@ -98,10 +98,12 @@ class FlatStep(nn.Module):
 
 def build_package(job: dict[str, Any], out: Path) -> None:
     """Export + AOTInductor-compile the decode graph of a build job (what `AotDecoder` writes) into `out`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.export import Dim
 
     config = K2Config.from_dict(job["config"])
-    flat, tree = pytree.tree_flatten(placeholders(job["weights"]))
+    with FakeTensorMode(allow_non_fake_inputs=True):  # no weight memory, whatever the model's size
+        flat, tree = pytree.tree_flatten(placeholders(job["weights"]))
     page_size, width = job["page_size"], config.kv_lora_rank + config.qk_rope_head_dim
     step = FlatStep(DecodeStep(config, job["attention_factor"], page_size), tree)
     # example sizes of 2+ so the export keeps them symbolic (the graph then holds for B >= 1, pages >= 1)
