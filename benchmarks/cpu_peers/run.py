@@ -50,6 +50,12 @@ KIMI_MODES: list[dict[str, Any]] = [
      "mode": {"dtype": "float32", "quantization": "fp16", "compile_decode": True}},
     {"name": "kimi-k2 int8", "precision": "int8",
      "mode": {"dtype": "float32", "quantization": "int8", "compile_decode": True}},
+    {"name": "kimi-k2 fp32 aoti", "precision": "fp32",
+     "mode": {"dtype": "float32", "compile_decode": True, "decode_backend": "aoti"}},
+    {"name": "kimi-k2 fp16 aoti", "precision": "16-bit",
+     "mode": {"dtype": "float32", "quantization": "fp16", "compile_decode": True, "decode_backend": "aoti"}},
+    {"name": "kimi-k2 int8 aoti", "precision": "int8",
+     "mode": {"dtype": "float32", "quantization": "int8", "compile_decode": True, "decode_backend": "aoti"}},
     {"name": "kimi-k2 fp32 eager", "precision": "fp32", "mode": {"dtype": "float32"}},
     {"name": "kimi-k2 bf16", "precision": "16-bit", "mode": {"dtype": "bfloat16"}},
 ]

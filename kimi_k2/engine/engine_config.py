@@ -32,6 +32,9 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # cache dtype; None: the model's
     # decode steps (one sequence or a batch) through torch.compile'd graphs (fp32 or quantized; built at start-up)
     compile_decode: bool = False
+    # how compile_decode builds the decode graph: "inductor" (torch.compile in this process, `compiled_decode`) or
+    # "aoti" (AOTInductor in a subprocess, cached on disk, run by torch's C++ runner: `aot_decode`)
+    decode_backend: str = "inductor"
     # attention over the latent pages in decode steps: "torch" or "triton" (`paged_cache`); None: triton on CUDA
     attention_backend: str | None = None
     # decode steps replayed as CUDA graphs per batch-size bucket (`cuda_graphs`); None: on CUDA with the triton
@@ -53,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.cuda_graphs must be None or a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.compile_decode, bool):
             raise ValueError(f"EngineConfig.compile_decode must be a bool, got {self.compile_decode!r}")
+        if self.decode_backend not in ("inductor", "aoti"):
+            raise ValueError(f"EngineConfig.decode_backend must be 'inductor' or 'aoti', got {self.decode_backend!r}")
         if self.memory_budget_bytes < 1:
             raise ValueError(f"EngineConfig.memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
 

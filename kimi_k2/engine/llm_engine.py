@@ -80,7 +80,7 @@ class LLMEngine:
                                self.config.attention_backend or ("triton" if graphs else None))
         self.block_manager = BlockManager(num_pages, self.config.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool, self.config.compile_decode)
+        self.runner = ModelRunner(model, self.pool, self.config.compile_decode, self.config.decode_backend)
         if graphs:
             self.runner.use_decode_graphs(self.config.max_num_seqs, self.max_model_len, scratch_page=num_pages)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(getattr(tokenizer, "stop_token_ids", []))

@@ -18,16 +18,20 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kimi_k2.engine.compiled_decode import CompiledDecoder, unsupported
 from kimi_k2.engine.cuda_graphs import DecodeGraphs
 from kimi_k2.engine.paged_cache import LatentPool, PagedLatentCache, Row
 from kimi_k2.engine.sequence import Sequence
 from kimi_k2.model.grouped_experts import GroupedExperts, groupable
 from kimi_k2.model.moe import Experts, MoE
+
+if TYPE_CHECKING:  # imported where used: compiled_decode imports dynamo, which the "aoti" backend keeps out
+    from kimi_k2.engine.aot_decode import AotDecoder
+    from kimi_k2.engine.compiled_decode import CompiledDecoder
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +47,31 @@ def grouped_gemm_runs(experts: nn.Module) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False):
+    def __init__(self, model: nn.Module, pool: LatentPool, compile_decode: bool = False,
+                 decode_backend: str = "inductor"):
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             if type(moe.experts) is Experts and groupable(moe.experts) and grouped_gemm_runs(moe.experts):
                 moe.experts = GroupedExperts(moe.experts)
         self.model = model
         self.pool = pool
-        self.decoder = self._compiled_decoder(model, pool) if compile_decode else None
+        self.decoder = self._compiled_decoder(model, pool, decode_backend) if compile_decode else None
         self.graphs: DecodeGraphs | None = None
         self.forward_fn: Callable[[list[list[Row]]], torch.Tensor] = self.forward
 
     @staticmethod
-    def _compiled_decoder(model: nn.Module, pool: LatentPool) -> CompiledDecoder | None:
+    def _compiled_decoder(model: nn.Module, pool: LatentPool, backend: str) -> CompiledDecoder | AotDecoder | None:
+        if backend == "aoti":
+            from kimi_k2.engine.aot_decode import AotDecoder
+
+            try:
+                aot = AotDecoder(model, pool)
+                aot.warm_up()
+            except Exception as e:  # a model it cannot run, no C++ compiler, a failed build: the eager path
+                log.warning("AOTInductor decode off, decoding with the eager model: %s", e)
+                return None
+            return aot
+        from kimi_k2.engine.compiled_decode import CompiledDecoder, unsupported
+
         reason = unsupported(model, pool)
         if reason is not None:
             log.warning("compiled decode off, decoding with the eager model: %s", reason)
