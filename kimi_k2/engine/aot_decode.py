@@ -183,32 +183,30 @@ class AotDecoder:
         path, self.build_seconds = package(self.job)
         self.runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         with torch.inference_mode():
-            self._run([0], [0], [[0]])
+            self._run([Row([0], 0, [0], True)])
         if self.build_seconds is None:
             log.info("AOTInductor decode ready: %s (cached)", path.name)
         else:
             log.info("AOTInductor decode ready: %s built in %.1f s", path.name, self.build_seconds)
 
-    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-        """One token of each of B sequences -> (logits [B, vocab], latents [L, B, C + R])."""
-        ps = self.pool.page_size
-        n = max(-(-max(positions) // ps), 1)  # pages holding the longest context (page 0, masked, when empty)
-        pages = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables])  # [B, n]
-        inputs = [*self._weights(), torch.tensor(tokens), torch.tensor(positions), pages, self.pool.kv]
-        logits, latents = self.runner.boxed_run(inputs)
+    def batched_ready(self) -> bool:
+        """Always: one graph serves every batch size."""
+        return True
+
+    def wait_batched(self, timeout: float | None = None) -> bool:
+        return True
+
+    def _run(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token of each of B rows -> (logits [B, vocab], latents [L, B, C + R])."""
+        pages = self.pool.page_ids(rows, min_pages=1)
+        tokens = torch.tensor([r.input_ids[0] for r in rows])
+        positions = torch.tensor([r.num_computed_tokens for r in rows])
+        logits, latents = self.runner.boxed_run([*self._weights(), tokens, positions, pages, self.pool.kv])
         return logits, latents
 
     def __call__(self, rows: list[Row]) -> torch.Tensor:
         """Compute each row's one token and store its latents -> fp32 logits [rows with `last`, vocab]."""
-        ps = self.pool.page_size
-        positions = [r.num_computed_tokens for r in rows]
-        logits, latents = self._run([r.input_ids[0] for r in rows], positions, [r.block_table for r in rows])
-        slots = torch.tensor([r.block_table[p // ps] * ps + p % ps for r, p in zip(rows, positions, strict=True)])
-        self.pool.kv.index_copy_(1, slots, latents)
-        if all(r.last for r in rows):
-            return logits
-        return logits[torch.tensor([b for b, r in enumerate(rows) if r.last], dtype=torch.long)]
+        return self.pool.store_decoded(rows, *self._run(rows))
 
 
 if __name__ == "__main__":  # the builder subprocess: python -m kimi_k2.engine.aot_decode DIR (DIR/job.json)

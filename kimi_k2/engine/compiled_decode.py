@@ -121,12 +121,10 @@ class CompiledDecoder:
             self._snapshot()
         return self._weights
 
-    def _run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
-             weights: DecodeWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token of each of B sequences -> (logits [B, vocab], latents [L, B, C + R])."""
-        ps = self.pool.page_size
-        n = max(-(-max(positions) // ps), 2)  # pages holding the longest context, padded with page 0 (masked) to >= 2
-        pages = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables])  # [B, n]
+    def _run(self, rows: list[Row], weights: DecodeWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token of each of B rows -> (logits [B, vocab], latents [L, B, C + R])."""
+        pages = self.pool.page_ids(rows, min_pages=2)  # >= 2 pages: the page count never specializes
+        tokens, positions = [r.input_ids[0] for r in rows], [r.num_computed_tokens for r in rows]
         token_ids, pos = torch.tensor(tokens), torch.tensor(positions)
         batched = len(tokens) > 1
         args = (self.weights() if weights is None else weights, token_ids, pos, pages, self.pool.kv)
@@ -146,14 +144,14 @@ class CompiledDecoder:
         """Compile the single-sequence graph now (a token at position 0 over page 0; nothing is stored), not on the
         first request."""
         with torch.inference_mode():
-            self._run([0], [0], [[0]])
+            self._run([Row([0], 0, [0], True)])
         log.info("compiled decode ready: the first call (trace, inductor, C++ build or cache hit) took %.1f s",
                  self.compile_seconds[False])
 
     def compile_batched(self, weights: DecodeWeights | None = None) -> None:
         """Compile the batched graph (two tokens at position 0 over page 0; nothing is stored)."""
         with torch.inference_mode():
-            self._run([0, 0], [0, 0], [[0], [0]], weights)
+            self._run([Row([0], 0, [0], True)] * 2, weights)
         log.info("compiled decode of batches ready: the first call took %.1f s", self.compile_seconds[True])
 
     def _compile_batched_or_warn(self, weights: DecodeWeights) -> None:
@@ -186,11 +184,4 @@ class CompiledDecoder:
         caller runs the eager model) for a batch while its graph is not ready."""
         if len(rows) > 1 and not self.batched_ready():
             return None
-        ps = self.pool.page_size
-        positions = [r.num_computed_tokens for r in rows]
-        logits, latents = self._run([r.input_ids[0] for r in rows], positions, [r.block_table for r in rows])
-        slots = torch.tensor([r.block_table[p // ps] * ps + p % ps for r, p in zip(rows, positions, strict=True)])
-        self.pool.kv.index_copy_(1, slots, latents)
-        if all(r.last for r in rows):
-            return logits
-        return logits[torch.tensor([b for b, r in enumerate(rows) if r.last], dtype=torch.long)]
+        return self.pool.store_decoded(rows, *self._run(rows))

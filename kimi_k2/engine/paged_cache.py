@@ -68,6 +68,23 @@ class LatentPool:
     def bytes_per_token(self) -> int:
         return self.kv.shape[0] * self.kv.shape[2] * self.kv.element_size()
 
+    def page_ids(self, rows: list[Row], min_pages: int) -> torch.Tensor:
+        """The pages [B, P] holding each row's context (P: the longest's, at least `min_pages`), padded with page 0,
+        which a decode step masks past each row's position."""
+        n = max(max(-(-r.num_computed_tokens // self.page_size) for r in rows), min_pages)
+        return torch.tensor([r.block_table[:n] + [0] * (n - len(r.block_table[:n])) for r in rows])
+
+    def store_decoded(self, rows: list[Row], logits: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Store a decode step's latents [L, B, C + R] (each row's one token) at their slots -> the logits of the rows
+        with `last` [M, vocab]."""
+        ps = self.page_size
+        slots = torch.tensor([r.block_table[r.num_computed_tokens // ps] * ps + r.num_computed_tokens % ps
+                              for r in rows])
+        self.kv.index_copy_(1, slots, latents)
+        if all(r.last for r in rows):
+            return logits
+        return logits[torch.tensor([b for b, r in enumerate(rows) if r.last], dtype=torch.long)]
+
 
 class PagedLatentCache:
     """One forward's view of the pool: row b computes tokens [start_b, start_b + n_b) (rows padded to S)."""
