@@ -168,6 +168,24 @@ def test_aot_decode_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch,
     assert len(out[0][0].token_ids) == 3
 
 
+def test_cli_decode_backend_reaches_the_engine(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`kimi-k2 generate --decode-backend aoti` asks the engine for the AOTInductor decode (here its build fails, so
+    it decodes eagerly with a warning); with --no-compile it is a usage error."""
+    from kimi_k2.cli import main
+
+    def broken(job: dict) -> None:
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(aot_decode, "package", broken)
+    with caplog.at_level(logging.WARNING, logger="kimi_k2.engine.model_runner"):
+        assert main(["generate", "k2-tiny", "--ids", "3 4 5", "--max-tokens", "2", "--temperature", "0",
+                     "--decode-backend", "aoti"]) == 0
+    assert "AOTInductor decode off" in caplog.text and "no C++ compiler here" in caplog.text
+    assert main(["generate", "k2-tiny", "--ids", "3 4 5", "--no-compile", "--decode-backend", "aoti"]) == 2
+    assert "drop --no-compile" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])
 def test_aot_decode_of_quantized_weights_equals_eager(cache: Path, fmt: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from kimi_k2.cli.options import (
     CommandError,
     UsageError,
+    add_compile,
     add_device,
     add_dtype,
     add_enforce_eager,
@@ -71,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # speed: low-precision weights and the compiled single-stream decode (as `kimi-k2 serve`)
     parser.add_argument("--quantization", choices=["int8", "fp16"], default=None,
                         help="projections as int8 or fp16 weights, made at load; everything else fp32")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="single-stream decode through one torch.compile'd graph (default: on where it applies, "
-                             "float32, int8 or fp16 weights; otherwise eager, logged)")
+    add_compile(parser)
 
 
 def _ids(lines: list[str]) -> list[list[int]]:
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     where, compile_decode = placement(args)
     tp, dtype = args.tensor_parallel_size, getattr(torch, args.dtype)
     config = EngineConfig(max_model_len=args.max_model_len, compile_decode=compile_decode,
-                          cuda_graphs=False if args.enforce_eager else None)
+                          decode_backend=args.decode_backend, cuda_graphs=False if args.enforce_eager else None)
     if tp > 1:
         from kimi_k2.deploy.serve_ep import launch_error, run_tensor_parallel
 

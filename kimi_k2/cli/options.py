@@ -62,6 +62,18 @@ def add_enforce_eager(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: decode eagerly instead of replaying CUDA graphs per batch size (as vLLM's flag)")
 
 
+def add_compile(parser: argparse.ArgumentParser) -> None:
+    """--compile (the compiled CPU decode) and --decode-backend (how its graph is built), for `generate` / `serve`."""
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps through a compiled graph of the whole model (default: on where it applies: "
+                             "the CPU with float32, int8 or fp16 weights; otherwise eager, logged)")
+    parser.add_argument("--decode-backend", choices=["inductor", "aoti"], default="inductor",
+                        help="how the compiled decode is built: inductor (torch.compile in this process: the "
+                             "single-sequence graph at start-up, the batched one in the background from the first "
+                             "batch) or aoti (AOTInductor in a subprocess, cached under $KIMI_K2_CACHE/aoti, run by "
+                             "torch's C++ runner: one graph for every batch, a restart loads it in under a second)")
+
+
 def device(args: argparse.Namespace):
     """args.device resolved (`resolve_device`); a device this process cannot use is a UsageError."""
     from kimi_k2.engine.device import resolve_device
@@ -82,6 +94,8 @@ def placement(args: argparse.Namespace):
     where = device(args)
     if args.quantization and where.type != "cpu":
         raise UsageError(f"--quantization {args.quantization} is a CPU format: drop it or pass --device cpu")
+    if args.decode_backend != "inductor" and args.compile is False:
+        raise UsageError(f"--decode-backend {args.decode_backend} builds the compiled decode: drop --no-compile")
     if args.compile and where.type != "cpu":
         raise UsageError("--compile is the CPU decode path; on CUDA decode runs eagerly or through CUDA graphs")
     return where, args.compile is not False and args.ep is None and tp == 1 and where.type == "cpu"

@@ -23,6 +23,7 @@ from kimi_k2.cli.options import (
     DTYPES,
     CommandError,
     UsageError,
+    add_compile,
     add_device,
     add_model,
     model_dir,
@@ -140,9 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["int8", "fp16"], default=None,
                    help="projections as int8 (Q8_0 blocks, int8 matmuls) or fp16 weights, made from the checkpoint "
                         "(fp8/bf16/fp32) at load, one tensor at a time; everything else fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="single-stream decode through one torch.compile'd graph, compiled at start-up (default: on "
-                        "where it applies: float32, int8 or fp16 weights; otherwise eager, logged)")
+    add_compile(p)
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     add_device(p)
     # request limits (kimi_k2.server.limits.ServerLimits holds the defaults)
@@ -212,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
                                    ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
-    config = EngineConfig(**overrides, compile_decode=compile_decode, cuda_graphs=False if args.enforce_eager else None)
+    config = EngineConfig(**overrides, compile_decode=compile_decode, decode_backend=args.decode_backend,
+                          cuda_graphs=False if args.enforce_eager else None)
     dtype = getattr(torch, args.dtype)
     if tp > 1:
         from kimi_k2.deploy.serve_ep import launch_error, run_tensor_parallel
