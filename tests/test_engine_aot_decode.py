@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import PROMPT_LENGTHS, assert_batch_same
 from model_fixtures import random_tiny_model
 
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams, aot_decode
 from kimi_k2.engine.aot_decode import AotDecoder
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.quantized import quantize_model
-
-PROMPT_LENGTHS = (1, 15, 16, 17, 37)  # page boundaries (page 16) and a 1-token prompt
 
 
 def _engine(model: K2ForCausalLM, aoti: bool, num_pages: int = 32) -> LLMEngine:
@@ -65,33 +64,12 @@ def _assert_same(model: K2ForCausalLM, aot: LLMEngine, eager: LLMEngine, new: in
                                        rtol=0, atol=atol)
 
 
-def _assert_batch_same(model: K2ForCausalLM, aot: LLMEngine, eager: LLMEngine) -> None:
-    """Prompts of different lengths and max_tokens (the decode batch shrinks from 5 to 1): each gets its single-stream
-    eager tokens, and no decode step of the AOT engine runs the eager model."""
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
-    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
-    single = [eager.generate([p], q)[0][0].token_ids for p, q in zip(prompts, params, strict=True)]
-    eager_steps: list[int] = []
-    model_forward = aot.runner.model.model.forward
-
-    def spy(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        eager_steps.append(input_ids.shape[1])
-        return model_forward(input_ids, *args, **kwargs)
-
-    aot.runner.model.model.forward = spy
-    try:
-        assert [r[0].token_ids for r in aot.generate(prompts, params)] == single
-    finally:
-        del aot.runner.model.model.forward
-    assert eager_steps and all(s > 1 for s in eager_steps), f"a decode step ran the eager model: {eager_steps}"
-
 
 def test_aot_decode_equals_eager_engine(built: tuple[K2ForCausalLM, LLMEngine]) -> None:
     model, aot = built
     eager = _engine(model, False)
     _assert_same(model, aot, eager, new=20)
-    _assert_batch_same(model, aot, eager)
+    assert_batch_same(model, aot, eager)
     with torch.no_grad():  # in-place weight updates reach the package's inputs (packed experts, fused views) ...
         model.model.layers[1].mlp.experts[0].down_proj.weight.mul_(-1.5)
         model.model.layers[2].self_attn.kv_a_proj_with_mqa.weight.mul_(0.5)
@@ -196,4 +174,4 @@ def test_aot_decode_of_quantized_weights_equals_eager(cache: Path, fmt: str) -> 
     assert isinstance(aot.runner.decoder, AotDecoder)
     # int8: Q8_0 activation rounding can differ in the last bit (see the compiled decode's test)
     _assert_same(model, aot, eager, new=10, atol=1e-4 if fmt == "fp16" else 2e-2)
-    _assert_batch_same(model, aot, eager)
+    assert_batch_same(model, aot, eager)

@@ -14,6 +14,7 @@ import logging
 
 import pytest
 import torch
+from engine_fixtures import PROMPT_LENGTHS, assert_batch_same
 from model_fixtures import random_tiny_model
 
 from kimi_k2.engine import EngineConfig, LLMEngine, SamplingParams
@@ -22,8 +23,6 @@ from kimi_k2.engine.model_runner import ModelRunner
 from kimi_k2.engine.paged_cache import Row
 from kimi_k2.model import K2ForCausalLM
 from kimi_k2.model.quantized import quantize_model
-
-PROMPT_LENGTHS = (1, 15, 16, 17, 37)  # page boundaries (page 16) and a 1-token prompt
 
 
 def _engine(model: K2ForCausalLM, compile_decode: bool, num_pages: int = 32) -> LLMEngine:
@@ -119,30 +118,12 @@ def test_compiled_decode_logits_and_latents_equal_eager_runner() -> None:
 
 
 def _assert_batch_same(model: K2ForCausalLM, compiled: LLMEngine, eager: LLMEngine) -> None:
-    """A batch of prompts of different lengths (page boundaries, a 1-token prompt) with different max_tokens, so the
-    decode batch shrinks from 5 sequences to 1 as they finish: each gets its single-stream eager tokens, and no decode
-    step of the compiled engine runs the eager model once its batched graph is ready."""
+    """Mixed batch (`engine_fixtures.assert_batch_same`) once the batched graph is ready."""
     decoder = compiled.runner.decoder
     if not decoder.batched_ready():  # starts the background compile
         assert decoder.wait_batched()
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
-    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
-    single = [eager.generate([p], q)[0][0].token_ids for p, q in zip(prompts, params, strict=True)]
-    eager_steps: list[int] = []
-    model_forward = compiled.runner.model.model.forward
+    assert_batch_same(model, compiled, eager, no_recompiles)
 
-    def spy(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        eager_steps.append(input_ids.shape[1])
-        return model_forward(input_ids, *args, **kwargs)
-
-    compiled.runner.model.model.forward = spy
-    try:
-        with no_recompiles():
-            assert [r[0].token_ids for r in compiled.generate(prompts, params)] == single
-    finally:
-        del compiled.runner.model.model.forward
-    assert eager_steps and all(s > 1 for s in eager_steps), f"a decode step ran the eager model: {eager_steps}"
 
 
 def test_compiled_decode_of_batches_equals_single_streams() -> None:
