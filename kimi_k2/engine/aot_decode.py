@@ -33,8 +33,9 @@ from torch import nn
 
 import kimi_k2
 from kimi_k2.config import K2Config
+from kimi_k2.engine.decode_inputs import WatchedWeights
 from kimi_k2.engine.paged_cache import LatentPool, Row
-from kimi_k2.model.decode import DecodeStep, Packed, check_decode_model, decode_weights, prepare_decode_layout
+from kimi_k2.model.decode import DecodeStep, Packed, check_decode_model, prepare_decode_layout
 from kimi_k2.ops import kernels
 
 log = logging.getLogger(__name__)
@@ -155,31 +156,25 @@ class AotDecoder:
         self.job: dict[str, Any] = {}
         self.runner: Any = None  # torch._C._aoti.AOTIModelPackageLoader
         self.build_seconds: float | None = None  # the subprocess build of `warm_up`; None: a cache hit
-        self._watched: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor | None, int]] = []
+        self._watched = WatchedWeights(model)
         self._flat: list[torch.Tensor] = []
 
     def _weights(self) -> list[torch.Tensor]:
-        """`decode_weights(model)`'s tensors, rebuilt whenever a tensor of the model is replaced (in-place updates
-        write the tensors the graph reads: they are views) and checked against the structure the package was built
-        for (a mismatch would read memory with the wrong strides)."""
-        if self._flat and all(tensors.get(name) is t and (t is None or t.data_ptr() == ptr)
-                              for tensors, name, t, ptr in self._watched):
-            return self._flat
-        weights = decode_weights(self.model)
-        if self.job and describe(weights) != self.job["weights"]:
+        """The tensors of `decode_weights(model)` (`WatchedWeights`), checked on every rebuild against the structure
+        the package was built for (a mismatch would read memory with the wrong strides)."""
+        weights, rebuilt = self._watched.current()
+        if rebuilt and describe(weights) != self.job["weights"]:
             raise RuntimeError("the model's decode weights changed dtype, shape or layout since the AOTInductor "
                                "package was built; start a new engine")
-        self._flat = [t for t in pytree.tree_flatten(weights)[0] if t is not None]  # the runner's inputs: tensors
-        self._watched = [(tensors, name, t, 0 if t is None else t.data_ptr())
-                         for m in self.model.modules() for tensors in (m._parameters, m._buffers)
-                         for name, t in tensors.items()]
+        if rebuilt or not self._flat:
+            self._flat = [t for t in pytree.tree_flatten(weights)[0] if t is not None]  # the runner's inputs: tensors
         return self._flat
 
     def warm_up(self) -> None:
         """Load the package of this model's shape (built in a subprocess on a cache miss) and run one step."""
         self.job = {"config": self.model.config.to_dict(), "page_size": self.pool.page_size,
                     "attention_factor": self.model.model.rotary.attention_factor,
-                    "weights": describe(decode_weights(self.model))}
+                    "weights": describe(self._watched.current()[0])}
         path, self.build_seconds = package(self.job)
         self.runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         with torch.inference_mode():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from torch import nn
 from torch._dynamo.types import GuardFilterEntry
 
 from kimi_k2.config import K2Config
+from kimi_k2.engine.decode_inputs import WatchedWeights
 from kimi_k2.engine.paged_cache import LatentPool, Row
-from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, decode_weights, prepare_decode_layout
+from kimi_k2.model.decode import DecodeStep, DecodeWeights, check_decode_model, prepare_decode_layout
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +89,11 @@ class CompiledDecoder:
         self.step = compiled_step(model.config, model.model.rotary.attention_factor, pool.page_size)
         # wall time of each graph's first call (trace, inductor, C++ build): False one sequence, True batches
         self.compile_seconds: dict[bool, float] = {}
-        # every parameter and buffer slot of the model (its dict and name), the tensor it held and that tensor's memory
-        self._slots: tuple[list[dict[str, torch.Tensor | None]], list[str]] = ([], [])
-        self._held: list[torch.Tensor | None] = []
-        self._tensors: list[torch.Tensor] = []
-        self._pointers: list[int] = []
-        self._weights: DecodeWeights | None = None
+        self._weights = WatchedWeights(model)
         self._batch_compile: threading.Thread | None = None
 
-    def _snapshot(self) -> None:
-        slots = [(tensors, name) for m in self.model.modules() for tensors in (m._parameters, m._buffers)
-                 for name in tensors]
-        self._slots = ([tensors for tensors, _ in slots], [name for _, name in slots])
-        self._held = list(map(dict.get, *self._slots))
-        self._tensors = [t for t in self._held if t is not None]
-        self._pointers = [t.data_ptr() for t in self._tensors]
-
-    def _replaced(self) -> bool:
-        """Whether a parameter or buffer slot holds another tensor, or a tensor other memory, than at `_snapshot`.
-        One identity and one pointer comparison per slot, in `map`s (a Python loop over k2-small's ~380 slots cost
-        ~0.2 ms a step)."""
-        return any(map(operator.is_not, map(dict.get, *self._slots), self._held)) or \
-            list(map(torch.Tensor.data_ptr, self._tensors)) != self._pointers
-
     def weights(self) -> DecodeWeights:
-        """`decode_weights(model)`, rebuilt whenever a tensor of the model is replaced (in-place updates write the
-        tensors the graph already reads: the fused and packed weights are views). Walking the module tree every step
-        cost ~1 ms, a quarter of a k2-small step; `_replaced` checks the slots seen last time instead."""
-        if self._weights is None or self._replaced():
-            self._weights = decode_weights(self.model)
-            self._snapshot()
-        return self._weights
+        return self._weights.current()[0]
 
     def _run(self, rows: list[Row], weights: DecodeWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token of each of B rows -> (logits [B, vocab], latents [L, B, C + R])."""
